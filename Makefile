@@ -1,0 +1,52 @@
+# CP-CNN Serve. The two commands of the README:
+#   make serve   serve the shipped default model on http://127.0.0.1:8000
+#   make test    run the test suite (what CI runs)
+# Each target creates its own virtual environment and installs what it needs.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# The default model: Tiny-ImageNet-200 once shipped, else the synthetic package (built if absent).
+DEFAULT_MODEL := $(firstword $(wildcard models/tiny-imagenet-200/manifest.json) models/synthetic/manifest.json)
+MODEL_DIR ?= $(patsubst %/,%,$(dir $(DEFAULT_MODEL)))
+
+.PHONY: help serve test lint train-synthetic train-tiny bench clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Serving needs no torch; training and tests do (torch pinned in pyproject: a CPU build here).
+$(VENV)/.serve: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
+	touch $@ $(VENV)/.serve
+
+models/synthetic/manifest.json: | $(VENV)/.dev
+	$(BIN)/python -m training run --config configs/synthetic.toml --set package.out_dir=models/synthetic
+
+serve: $(VENV)/.serve $(MODEL_DIR)/manifest.json  ## serve the default model on $(HOST):$(PORT)
+	CPCNN_MODEL_DIR=$(MODEL_DIR) $(BIN)/uvicorn service.app:app --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.dev  ## run the test suite
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev  ## ruff
+	$(BIN)/ruff check service training export tests bench
+
+train-synthetic: $(VENV)/.dev  ## rebuild models/synthetic from configs/synthetic.toml (~2 min)
+	$(BIN)/python -m training run --config configs/synthetic.toml --set package.out_dir=models/synthetic --force
+
+train-tiny: $(VENV)/.dev  ## train the Tiny-ImageNet-200 default model (hours on CPU; resumes)
+	$(BIN)/python -m training run --config configs/tiny-imagenet-200.toml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

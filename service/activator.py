@@ -1,0 +1,147 @@
+"""The confusion-threshold activator (CP-CNN, paper 002 Algorithm 1 and Eq. 3).
+
+This is the one implementation of head selection and score combination: the server runs it per
+image and the offline τ sweep calls the very same functions. Pure numpy on purpose — no torch,
+ONNX Runtime or FastAPI — so it can be tested with hand-made arrays.
+
+Conventions
+-----------
+* ``probs`` (V in the paper): softmax of the clustifier's logits, shape (K,).
+* ``confusion``: the clustifier's confusion matrix on held-out data, ``confusion[true, predicted]``
+  counts. Column j therefore says which true clusters hide behind a prediction of j.
+* τ = 0 always runs exactly one head; τ = 1 always runs every head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Ranking = Literal["confusion", "probability"]
+Weighting = Literal["confusion", "probability"]
+
+
+@dataclass(frozen=True)
+class Activation:
+    """Heads chosen for one image, in the order they were added, with their Eq. 3 weights."""
+
+    heads: tuple[int, ...]
+    weights: tuple[float, ...]
+
+
+class Activator:
+    """Algorithm 1 with the paper's policy and the two options of SPEC §4.
+
+    ranking="confusion" (paper): after the predicted cluster j, add clusters in decreasing order of
+    column j of the confusion matrix. ranking="probability": add them in decreasing order of V.
+    weighting="confusion" (paper, Eq. 3): weights are the chosen clusters' column-j entries,
+    normalised. weighting="probability" (003 Eq. 2): weights are the chosen clusters' V, normalised.
+    ``smoothing`` is added to every confusion count (Laplace smoothing) so that a confusion never seen
+    on held-out data still has a non-zero weight and no column sums to zero.
+    """
+
+    def __init__(
+        self,
+        confusion: np.ndarray,
+        *,
+        ranking: Ranking = "confusion",
+        weighting: Weighting = "confusion",
+        smoothing: float = 1.0,
+    ) -> None:
+        cm = np.asarray(confusion, dtype=np.float64)
+        if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] < 1:
+            raise ValueError(f"confusion matrix must be square (K, K), got shape {cm.shape}")
+        if np.any(cm < 0) or not np.all(np.isfinite(cm)):
+            raise ValueError("confusion matrix must hold finite, non-negative counts")
+        if smoothing < 0:
+            raise ValueError(f"smoothing must be >= 0, got {smoothing}")
+        if ranking not in ("confusion", "probability"):
+            raise ValueError(f"ranking must be 'confusion' or 'probability', got {ranking!r}")
+        if weighting not in ("confusion", "probability"):
+            raise ValueError(f"weighting must be 'confusion' or 'probability', got {weighting!r}")
+        smoothed = cm + smoothing
+        col_sums = smoothed.sum(axis=0, keepdims=True)
+        if np.any(col_sums <= 0):
+            raise ValueError("a confusion column sums to zero; use smoothing > 0")
+        self.num_clusters = cm.shape[0]
+        self.ranking: Ranking = ranking
+        self.weighting: Weighting = weighting
+        # P[i, j] = P(true cluster i | clustifier predicted j): each column sums to 1.
+        self.column_probs = smoothed / col_sums
+        # For each predicted j: cluster order, j first, then the rest by decreasing P[:, j].
+        # Stable sort so that ties break by cluster index and results are reproducible.
+        order = np.empty((self.num_clusters, self.num_clusters), dtype=np.int64)
+        for j in range(self.num_clusters):
+            rest = [i for i in np.argsort(-self.column_probs[:, j], kind="stable") if i != j]
+            order[j] = [j, *rest]
+        self._confusion_order = order
+
+    def select(self, probs: np.ndarray, tau: float) -> Activation:
+        """Choose the heads for one image whose clustifier softmax is ``probs``."""
+        v = np.asarray(probs, dtype=np.float64)
+        if v.shape != (self.num_clusters,):
+            raise ValueError(f"probs must have shape ({self.num_clusters},), got {v.shape}")
+        if not 0.0 <= tau <= 1.0 or np.isnan(tau):
+            raise ValueError(f"tau must be in [0, 1], got {tau}")
+        j = int(np.argmax(v))
+        if self.ranking == "confusion":
+            order = self._confusion_order[j]
+        else:
+            order = np.argsort(-v, kind="stable")
+        if tau >= 1.0:
+            n = self.num_clusters  # τ = 1 runs every head, whatever the float sums say.
+        elif v[j] >= tau:
+            n = 1
+        else:
+            # First l >= 2 whose summed V reaches τ; none does -> all heads.
+            reached = np.nonzero(np.cumsum(v[order])[1:] >= tau)[0]
+            n = int(reached[0]) + 2 if reached.size else self.num_clusters
+        chosen = order[:n]
+        if n == 1:
+            return Activation(heads=(j,), weights=(1.0,))
+        if self.weighting == "confusion":
+            raw = self.column_probs[chosen, j]
+        else:
+            raw = v[chosen]
+        total = raw.sum()
+        w = raw / total if total > 0 else np.full(n, 1.0 / n)
+        return Activation(heads=tuple(int(h) for h in chosen), weights=tuple(float(x) for x in w))
+
+    def select_batch(self, probs: np.ndarray, tau: float) -> list[Activation]:
+        """``select`` for each row of a (B, K) array."""
+        p = np.asarray(probs)
+        if p.ndim != 2:
+            raise ValueError(f"probs must have shape (B, K), got {p.shape}")
+        return [self.select(row, tau) for row in p]
+
+
+def combine(
+    activation: Activation,
+    head_probs: dict[int, np.ndarray],
+    clusters: list[list[int]],
+    num_classes: int,
+) -> np.ndarray:
+    """Eq. 3: score of class c in cluster i = w_i × softmax(H_i(x))_c; classes of heads not run score 0.
+
+    ``head_probs[i]`` is head i's softmax over its member classes ``clusters[i]`` (in that order).
+    With overlapping clusters a class can sit in several heads; its weighted scores add up, so the
+    result stays a probability vector (weights sum to 1, each head's softmax sums to 1).
+    """
+    scores = np.zeros(num_classes, dtype=np.float64)
+    for head, weight in zip(activation.heads, activation.weights, strict=True):
+        p = np.asarray(head_probs[head], dtype=np.float64)
+        members = clusters[head]
+        if p.shape != (len(members),):
+            raise ValueError(f"head {head} gave {p.shape[0]} scores for {len(members)} classes")
+        np.add.at(scores, members, weight * p)
+    return scores
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax (float64 in, float64 out)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)

@@ -1,0 +1,248 @@
+"""The model-package manifest: the contract between training/export and serving.
+
+A model package is a directory holding ``manifest.json``, ``trunk.onnx``, ``clustifier.onnx``,
+one ONNX file per head and ``original.onnx``. The manifest is the only source of preprocessing,
+labels, clusters, FLOPs and checksums: training writes it, export completes it, the service reads
+it. Everything is validated on load so a broken package fails loudly at start-up, not mid-request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MANIFEST_FILE = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+class PackageError(RuntimeError):
+    """A model package is missing, malformed or does not match its checksums."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """How to turn an image into the network's input tensor (timm's pretrained-cfg idea)."""
+
+    size: int = Field(gt=0, description="Square side in pixels after resize + centre crop.")
+    mean: tuple[float, float, float] = Field(description="Per-channel mean of pixel/255 (RGB).")
+    std: tuple[float, float, float] = Field(description="Per-channel std of pixel/255 (RGB).")
+    layout: Literal["NCHW"] = "NCHW"
+    color: Literal["RGB"] = "RGB"
+    resize: Literal["shorter_side_center_crop"] = "shorter_side_center_crop"
+    interpolation: Literal["bilinear"] = "bilinear"
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0:
+            raise ValueError("std entries must be > 0")
+        return v
+
+
+class Component(_Strict):
+    """One ONNX file of the package and what it costs per image."""
+
+    file: str = Field(description="File name inside the package directory.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    flops: int = Field(ge=0, description="FLOPs per image (2 x multiply-accumulates).")
+    params: int = Field(ge=0, description="Number of parameters.")
+    input_name: str
+    output_name: str
+    input_shape: list[int | str] = Field(description="Input shape, 'N' for the batch axis.")
+    output_shape: list[int | str] = Field(description="Output shape, 'N' for the batch axis.")
+    architecture: str = Field(default="", description="Human-readable architecture name.")
+
+    @field_validator("file")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v or "/" in v or "\\" in v or v.startswith("."):
+            raise ValueError(f"component file must be a plain file name, got {v!r}")
+        return v
+
+
+class Cluster(_Strict):
+    """A hyper-class: its member classes (indices into class_names, in head output order)."""
+
+    index: int = Field(ge=0)
+    classes: list[int] = Field(min_length=1)
+    head: Component
+
+
+class ActivatorSpec(_Strict):
+    """Defaults for ``service.activator.Activator``."""
+
+    default_tau: float = Field(ge=0.0, le=1.0)
+    ranking: Literal["confusion", "probability"] = "confusion"
+    weighting: Literal["confusion", "probability"] = "confusion"
+    smoothing: float = Field(default=1.0, ge=0.0)
+
+
+class Accuracy(_Strict):
+    top1: float = Field(ge=0.0, le=1.0)
+    top5: float = Field(ge=0.0, le=1.0)
+
+
+class SweepRow(_Strict):
+    """One τ of the offline sweep: the columns of paper 002's Table 2 and more."""
+
+    tau: float = Field(ge=0.0, le=1.0)
+    top1: float
+    top5: float
+    mean_flops: float = Field(description="Mean FLOPs per image (trunk + clustifier + heads run).")
+    flop_saving: float = Field(description="1 - mean_flops / original FLOPs.")
+    mean_heads: float
+    heads_histogram: list[int] = Field(
+        description="heads_histogram[n-1] = number of images that ran exactly n heads."
+    )
+    cluster_accuracy: float = Field(description="Fraction of images whose true cluster was run.")
+    top1_gain: float = Field(description="top1 - original model's top1 (paper's 'Acc. Gain').")
+
+
+class TrainingInfo(_Strict):
+    dataset: str
+    num_classes: int
+    train_images: int
+    calib_images: int
+    val_images: int
+    split_seed: int
+    original_accuracy: Accuracy = Field(description="Original model on the validation split.")
+    clustifier_accuracy: float = Field(ge=0.0, le=1.0, description="On the validation split.")
+    config: dict = Field(default_factory=dict, description="The exact run config.")
+
+
+class Manifest(_Strict):
+    """Everything the service needs to know about a package, validated on load."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(min_length=1)
+    created: str = Field(description="ISO-8601 time the package was written.")
+    class_ids: list[str] = Field(min_length=2)
+    class_names: list[str] = Field(min_length=2)
+    input: InputSpec
+    trunk: Component
+    clustifier: Component
+    original: Component
+    clusters: list[Cluster] = Field(min_length=1)
+    clustifier_confusion: list[list[int]] = Field(
+        description="Clustifier confusion counts on held-out data, [true cluster][predicted]."
+    )
+    activator: ActivatorSpec
+    tau_sweep: list[SweepRow] = Field(default_factory=list)
+    training: TrainingInfo
+    extra_files: dict[str, str] = Field(
+        default_factory=dict, description="Other files (plots, model card) -> sha256."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        n = len(self.class_names)
+        if len(self.class_ids) != n:
+            raise ValueError(f"{len(self.class_ids)} class_ids but {n} class_names")
+        if len(set(self.class_ids)) != n:
+            raise ValueError("class_ids must be unique")
+        k = len(self.clusters)
+        if [c.index for c in self.clusters] != list(range(k)):
+            raise ValueError("clusters must be listed in index order 0..K-1")
+        covered: set[int] = set()
+        for c in self.clusters:
+            bad = [i for i in c.classes if not 0 <= i < n]
+            if bad:
+                raise ValueError(f"cluster {c.index} names class indices out of range: {bad}")
+            if len(set(c.classes)) != len(c.classes):
+                raise ValueError(f"cluster {c.index} lists a class twice")
+            covered.update(c.classes)
+        if len(covered) != n:
+            missing = sorted(set(range(n)) - covered)[:10]
+            raise ValueError(f"classes not in any cluster: {missing}")
+        cm = self.clustifier_confusion
+        if len(cm) != k or any(len(row) != k for row in cm):
+            raise ValueError(f"clustifier_confusion must be {k}x{k}")
+        if any(x < 0 for row in cm for x in row):
+            raise ValueError("clustifier_confusion counts must be >= 0")
+        files = [c.file for c in self.components().values()]
+        if len(set(files)) != len(files):
+            raise ValueError("two components share one file")
+        return self
+
+    def components(self) -> dict[str, Component]:
+        """All ONNX components by role: trunk, clustifier, original, head0, head1, ..."""
+        out = {"trunk": self.trunk, "clustifier": self.clustifier, "original": self.original}
+        out.update({f"head{c.index}": c.head for c in self.clusters})
+        return out
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self.clusters)
+
+    @property
+    def cluster_members(self) -> list[list[int]]:
+        return [list(c.classes) for c in self.clusters]
+
+    def shared_flops(self) -> int:
+        """FLOPs every image pays in conditional mode: trunk + clustifier."""
+        return self.trunk.flops + self.clustifier.flops
+
+    def sweep_row(self, tau: float) -> SweepRow | None:
+        """The sweep row for the largest swept τ not above ``tau`` (what the sweep predicts)."""
+        rows = [r for r in self.tau_sweep if r.tau <= tau + 1e-12]
+        return max(rows, key=lambda r: r.tau) if rows else None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(package_dir: Path) -> Manifest:
+    """Parse and validate ``manifest.json`` (schema only, files not checked)."""
+    path = Path(package_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise PackageError(
+            f"no {MANIFEST_FILE} in {package_dir}: point the model directory at an exported "
+            "package (python -m export ...)"
+        )
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except ValidationError as e:
+        raise PackageError(f"{path} does not match the manifest schema:\n{e}") from e
+
+
+def verify_files(manifest: Manifest, package_dir: Path) -> None:
+    """Check every file the manifest names exists and matches its sha256."""
+    package_dir = Path(package_dir)
+    expected = {c.file: c.sha256 for c in manifest.components().values()}
+    expected.update(manifest.extra_files)
+    problems = []
+    for name, digest in expected.items():
+        path = package_dir / name
+        if not path.is_file():
+            problems.append(f"missing file {name}")
+        elif sha256_file(path) != digest:
+            problems.append(f"sha256 mismatch for {name} (file changed after export?)")
+    if problems:
+        raise PackageError(f"model package {package_dir} is broken: " + "; ".join(problems))
+
+
+def load_manifest(package_dir: Path, *, verify: bool = True) -> Manifest:
+    """Read, validate and (by default) checksum a package."""
+    manifest = read_manifest(package_dir)
+    if verify:
+        verify_files(manifest, package_dir)
+    return manifest
+
+
+def write_manifest(manifest: Manifest, package_dir: Path) -> Path:
+    path = Path(package_dir) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return path

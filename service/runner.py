@@ -1,0 +1,195 @@
+"""Execution of a model package with ONNX Runtime: trunk → clustifier → activator → heads → Eq. 3.
+
+The runner owns the ONNX Runtime sessions (routes never touch one). It works on a batch of
+already-decoded images and runs each head once per batch on just the images routed to it, so the
+same code serves one request, a micro-batch of many, and the offline τ sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.activator import Activation, Activator, combine, softmax
+from service.manifest import Component, InputSpec, Manifest, load_manifest
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("trunk", "clustifier", "activator", "heads", "combine")
+
+
+@dataclass(frozen=True)
+class Flops:
+    """FLOPs spent on one image, and what the original model would have spent.
+
+    In conditional mode total = trunk + clustifier + heads; in original mode the parts are 0 and
+    total = original.
+    """
+
+    trunk: int
+    clustifier: int
+    heads: int
+    original: int
+    total: int
+
+    @property
+    def saving(self) -> float:
+        """1 - total / original: the fraction of the original model's FLOPs avoided."""
+        return 1.0 - self.total / self.original if self.original else 0.0
+
+
+@dataclass
+class Prediction:
+    """Result for one image. ``activation``/``cluster_probs`` are None in original mode."""
+
+    scores: np.ndarray  # (C,) final class scores, sum to 1
+    flops: Flops
+    activation: Activation | None = None
+    cluster_probs: np.ndarray | None = None  # (K,)
+
+
+@dataclass
+class BatchResult:
+    predictions: list[Prediction]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, whole batch
+
+
+def normalize(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """(N, H, W, 3) uint8 RGB → (N, 3, H, W) float32, (pixel/255 − mean)/std, as in training."""
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected (N, H, W, 3) uint8 images, got {images.shape} {images.dtype}")
+    if images.shape[1:3] != (spec.size, spec.size):
+        raise ValueError(f"expected {spec.size}x{spec.size} images, got {images.shape[1:3]}")
+    x = images.astype(np.float32) * np.float32(1 / 255)
+    x -= np.asarray(spec.mean, dtype=np.float32)
+    x /= np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime build has it, else CPU."""
+    available = ort.get_available_providers()
+    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+
+
+class _Session:
+    """One ONNX Runtime session and the names of its single input and output."""
+
+    def __init__(self, path: Path, component: Component, options: ort.SessionOptions,
+                 providers: Sequence[str]) -> None:
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        self.input_name = component.input_name
+        self.output_name = component.output_name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+
+class PackageRunner:
+    """Loads a package once and runs batches through it."""
+
+    def __init__(
+        self,
+        package_dir: str | Path,
+        *,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 1,
+        verify: bool = True,
+        manifest: Manifest | None = None,
+    ) -> None:
+        self.package_dir = Path(package_dir)
+        self.manifest = manifest or load_manifest(self.package_dir, verify=verify)
+        m = self.manifest
+        self.providers = list(providers) if providers else default_providers()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._sessions = {
+            role: _Session(self.package_dir / comp.file, comp, options, self.providers)
+            for role, comp in m.components().items()
+        }
+        self.activator = Activator(
+            np.asarray(m.clustifier_confusion),
+            ranking=m.activator.ranking,
+            weighting=m.activator.weighting,
+            smoothing=m.activator.smoothing,
+        )
+        self.clusters = m.cluster_members
+        self.num_classes = len(m.class_names)
+        self.head_flops = [c.head.flops for c in m.clusters]
+        logger.info("loaded package %s %s from %s (%d heads, providers %s)",
+                    m.name, m.version, self.package_dir, m.num_clusters, self.providers)
+
+    # -- conditional path -------------------------------------------------------------------
+    def run(self, images: np.ndarray, tau: float | None = None) -> BatchResult:
+        """CP-CNN inference on (N, H, W, 3) uint8 images at threshold ``tau`` (default: manifest's)."""
+        tau = self.manifest.activator.default_tau if tau is None else float(tau)
+        return self.run_normalized(normalize(images, self.manifest.input), tau)
+
+    def run_normalized(self, x: np.ndarray, tau: float) -> BatchResult:
+        """CP-CNN inference on an already normalised (N, 3, H, W) float32 batch."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        features = self._sessions["trunk"](x)  # (N, C', H', W')
+        t1 = time.perf_counter()
+        cluster_probs = softmax(self._sessions["clustifier"](features), axis=1)  # (N, K)
+        t2 = time.perf_counter()
+        activations = self.activator.select_batch(cluster_probs, tau)
+        t3 = time.perf_counter()
+        head_probs = self._run_heads(features, activations)
+        t4 = time.perf_counter()
+        m = self.manifest
+        predictions = []
+        for i, act in enumerate(activations):
+            scores = combine(act, head_probs[i], self.clusters, self.num_classes)
+            heads = sum(self.head_flops[h] for h in act.heads)
+            flops = Flops(trunk=m.trunk.flops, clustifier=m.clustifier.flops, heads=heads,
+                          original=m.original.flops, total=m.shared_flops() + heads)
+            predictions.append(Prediction(scores, flops, act, cluster_probs[i]))
+        t5 = time.perf_counter()
+        timings.update(trunk=t1 - t0, clustifier=t2 - t1, activator=t3 - t2, heads=t4 - t3,
+                       combine=t5 - t4)
+        return BatchResult(predictions, timings)
+
+    def _run_heads(self, features: np.ndarray,
+                   activations: list[Activation]) -> list[dict[int, np.ndarray]]:
+        """Run each head once on just the images routed to it; per image, head → softmax."""
+        routed: dict[int, list[int]] = {}
+        for i, act in enumerate(activations):
+            for h in act.heads:
+                routed.setdefault(h, []).append(i)
+        out: list[dict[int, np.ndarray]] = [{} for _ in activations]
+        for h, idx in sorted(routed.items()):
+            batch = features if len(idx) == len(activations) else features[idx]
+            probs = softmax(self._sessions[f"head{h}"](batch), axis=1)
+            for row, i in enumerate(idx):
+                out[i][h] = probs[row]
+        return out
+
+    # -- baseline path ----------------------------------------------------------------------
+    def run_original(self, images: np.ndarray) -> BatchResult:
+        """The original (unpartitioned) model on the same images, for A/B and the baseline."""
+        x = normalize(images, self.manifest.input)
+        t0 = time.perf_counter()
+        scores = softmax(self._sessions["original"](x), axis=1)
+        t1 = time.perf_counter()
+        o = self.manifest.original.flops
+        flops = Flops(trunk=0, clustifier=0, heads=0, original=o, total=o)
+        preds = [Prediction(s, flops) for s in scores]
+        return BatchResult(preds, {"original": t1 - t0})
+
+    def warmup(self, batch_size: int = 1) -> None:
+        """One pass through every session so the first real request pays no lazy init."""
+        s = self.manifest.input.size
+        images = np.zeros((batch_size, s, s, 3), dtype=np.uint8)
+        self.run(images, tau=1.0)  # τ = 1 runs every head
+        self.run_original(images)
