@@ -130,20 +130,24 @@ class PackageRunner:
                     m.name, m.version, self.package_dir, m.num_clusters, self.providers)
 
     # -- conditional path -------------------------------------------------------------------
-    def run(self, images: np.ndarray, tau: float | None = None) -> BatchResult:
-        """CP-CNN inference on (N, H, W, 3) uint8 images at threshold ``tau`` (default: manifest's)."""
-        tau = self.manifest.activator.default_tau if tau is None else float(tau)
+    def run(self, images: np.ndarray, tau: float | Sequence[float] | None = None) -> BatchResult:
+        """CP-CNN inference on (N, H, W, 3) uint8 images at threshold ``tau`` (default: manifest's).
+
+        ``tau`` may be one value for the batch or one per image (a micro-batch mixes requests).
+        """
+        tau = self.manifest.activator.default_tau if tau is None else tau
         return self.run_normalized(normalize(images, self.manifest.input), tau)
 
-    def run_normalized(self, x: np.ndarray, tau: float) -> BatchResult:
+    def run_normalized(self, x: np.ndarray, tau: float | Sequence[float]) -> BatchResult:
         """CP-CNN inference on an already normalised (N, 3, H, W) float32 batch."""
+        taus = np.broadcast_to(np.asarray(tau, dtype=np.float64), (len(x),))
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         features = self._sessions["trunk"](x)  # (N, C', H', W')
         t1 = time.perf_counter()
         cluster_probs = softmax(self._sessions["clustifier"](features), axis=1)  # (N, K)
         t2 = time.perf_counter()
-        activations = self.activator.select_batch(cluster_probs, tau)
+        activations = [self.activator.select(p, float(t)) for p, t in zip(cluster_probs, taus, strict=True)]
         t3 = time.perf_counter()
         head_probs = self._run_heads(features, activations)
         t4 = time.perf_counter()

@@ -1,0 +1,112 @@
+"""The FastAPI app: ``create_app(settings)`` assembles routers, errors, metrics and the lifespan.
+
+``app = create_app()`` below is what ``uvicorn service.app:app`` serves; it reads no settings and
+loads nothing at import. Settings are read and the package is loaded, validated and warmed up in
+the lifespan; a broken package or bad settings stop start-up with one line saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI
+from PIL import Image
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from service.errors import StartupError, install_error_handlers
+from service.logconfig import configure_logging
+from service.metrics import Metrics
+from service.middleware import MetricsMiddleware, StartupFailureMiddleware
+from service.routes import admin, classify, health, model
+from service.routes import metrics as metrics_route
+from service.runtime import InferenceService
+from service.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+try:
+    __version__ = version("cpcnn-serve")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.1.0"
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """One line per bad setting, named by its environment variable."""
+    lines = []
+    for e in error.errors():
+        field = str(e["loc"][0]) if e["loc"] else "?"
+        lines.append(f"CPCNN_{field.upper()}: {e['msg'].removeprefix('Value error, ')}")
+    return "invalid settings: " + "; ".join(lines)
+
+
+def resolve_settings(app: FastAPI) -> Settings:
+    """The settings this app runs with: an override (tests, ``create_app(settings)``) or the env."""
+    try:
+        return app.dependency_overrides.get(get_settings, get_settings)()
+    except ValidationError as e:
+        raise StartupError(describe_settings_error(e)) from e
+
+
+def _warn_unknown_env() -> None:
+    known = {f"CPCNN_{name.upper()}" for name in Settings.model_fields}
+    unknown = sorted(k for k in os.environ if k.startswith("CPCNN_") and k not in known)
+    if unknown:
+        logger.warning("ignoring unknown environment variables %s (see service/README.md)", unknown)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    try:
+        settings = resolve_settings(app)
+        configure_logging(settings.log_level)
+        _warn_unknown_env()
+        # Pillow's process-wide bomb guard must not fire below our own, per-app limit.
+        if Image.MAX_IMAGE_PIXELS is not None and settings.max_image_pixels > Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+        service = InferenceService(settings, app.state.metrics)
+        app.state.service = service
+        await service.start()
+    except StartupError as e:
+        app.state.startup_error = str(e)
+        logger.debug("start-up failed", exc_info=True)
+        raise
+    try:
+        yield
+    finally:
+        service.stop()  # readiness turns 503 first
+        await service.aclose()  # queued micro-batches finish
+        logger.info("shut down")
+
+
+def create_app(settings: Settings | None = None, *,
+               registry: CollectorRegistry | None = None) -> FastAPI:
+    """A new app. ``settings``: fixed settings (default: ``get_settings()`` at start-up);
+    ``registry``: where its metrics go (default: a fresh one, so apps never share series)."""
+    app = FastAPI(
+        title="CP-CNN Serve",
+        version=__version__,
+        summary="Cluster-based partitioned CNN inference: a shared trunk and clustifier on every "
+        "image, only the hyper-class heads the activator picks, and the FLOPs it saved.",
+        lifespan=lifespan,
+    )
+    metrics = Metrics(registry)
+    app.state.metrics = metrics
+    app.state.service = None
+    app.state.startup_error = None
+    if settings is not None:
+        app.dependency_overrides[get_settings] = lambda: settings
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(StartupFailureMiddleware)
+    for router in (classify.router, model.router, admin.router, health.router,
+                   metrics_route.router):
+        app.include_router(router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,73 @@
+"""Request bytes → the uint8 (S, S, 3) RGB array the runner takes, with clear errors.
+
+Two steps, timed separately by the caller: ``decode`` (bytes → a loaded Pillow image: first frame
+of an animation, EXIF orientation applied, pixel limit enforced) and ``prepare`` (any mode → RGB
+→ shorter side to S, centre crop), which uses the very functions training uses
+(``service.preprocess``), so the model sees pixels prepared the same way in both places.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import InvalidImage, LimitExceeded
+from service.preprocess import resize_center_crop, to_rgb
+
+logger = logging.getLogger(__name__)
+
+# Formats a client may send. Others (EPS runs Ghostscript, for one) are refused on purpose.
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+
+
+def decode(data: bytes, *, max_pixels: int, name: str = "image") -> Image.Image:
+    """Decode ``data`` fully (frame 0 of an animation), or raise ``InvalidImage``/``LimitExceeded``.
+
+    The pixel limit is checked on the header's size, before any pixel is decompressed. Pillow's
+    own process-wide guard (``Image.MAX_IMAGE_PIXELS``, raised by the app to at least this limit)
+    stays in place behind it.
+    """
+    if not data:
+        raise InvalidImage(f"{name} is empty: send the bytes of a JPEG, PNG, ... image")
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+        width, height = img.size
+        if width * height > max_pixels:
+            raise LimitExceeded(
+                f"{name} is {width}x{height} = {width * height} pixels, more than the limit of "
+                f"{max_pixels} (CPCNN_MAX_IMAGE_PIXELS): send a smaller image", code="image_too_large"
+            )
+        img.seek(0)  # animated GIF/PNG/WebP/TIFF: the first frame
+        img.load()
+    except Image.DecompressionBombError as e:
+        raise LimitExceeded(f"{name} has too many pixels to decode safely: {e}",
+                            code="image_too_large") from e
+    except UnidentifiedImageError as e:
+        raise InvalidImage(
+            f"{name} is not an image in a supported format ({', '.join(FORMATS)})"
+        ) from e
+    except (LimitExceeded, MemoryError):
+        raise
+    except Exception as e:  # untrusted bytes: any decoder failure is the input's fault
+        logger.debug("decoding %s failed", name, exc_info=True)
+        raise InvalidImage(f"{name} is truncated or corrupt and could not be decoded ({e})") from e
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a malformed EXIF block: keep the pixels as stored
+        logger.debug("ignoring unreadable EXIF orientation of %s", name, exc_info=True)
+        return img
+
+
+def prepare(img: Image.Image, size: int) -> np.ndarray:
+    """Any Pillow mode → RGB → resize + centre crop → (size, size, 3) uint8."""
+    try:
+        rgb = resize_center_crop(to_rgb(img), size)
+        arr = np.asarray(rgb, dtype=np.uint8)
+    except (OSError, ValueError) as e:
+        raise InvalidImage(f"image could not be converted to RGB ({e})") from e
+    if arr.shape != (size, size, 3):  # defensive: to_rgb guarantees RGB
+        raise InvalidImage(f"image could not be converted to {size}x{size} RGB (got {arr.shape})")
+    return arr

@@ -1,0 +1,59 @@
+"""Typed dependency aliases shared by the routers."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.errors import AdminDisabled, ModelNotReady, Unauthorized
+from service.metrics import Metrics
+from service.runtime import InferenceService
+from service.settings import Settings, get_settings
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def get_optional_service(request: Request) -> InferenceService | None:
+    """The app's service, or None before the lifespan created it."""
+    return getattr(request.app.state, "service", None)
+
+
+OptionalServiceDep = Annotated[InferenceService | None, Depends(get_optional_service)]
+
+
+def get_ready_service(service: OptionalServiceDep) -> InferenceService:
+    """The service once its package is loaded and warmed up; 503 ``model_not_ready`` before."""
+    if service is None or not service.ready:
+        raise ModelNotReady("the model is not loaded yet (or shutting down); retry shortly and "
+                            "watch GET /readyz")
+    return service
+
+
+ReadyServiceDep = Annotated[InferenceService, Depends(get_ready_service)]
+
+_bearer = HTTPBearer(auto_error=False, description="CPCNN_ADMIN_TOKEN")
+
+
+def require_admin(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Guard of the admin router: 404 when no token is configured, 401 on a missing/wrong one."""
+    if settings.admin_token is None:
+        raise AdminDisabled("admin endpoints are disabled on this server (no CPCNN_ADMIN_TOKEN "
+                            "configured)")
+    if credentials is None:
+        raise Unauthorized("admin endpoints need 'Authorization: Bearer <token>'")
+    expected = settings.admin_token.get_secret_value().encode()
+    if not hmac.compare_digest(credentials.credentials.encode(), expected):
+        raise Unauthorized("the bearer token is not valid for admin endpoints")

@@ -1,0 +1,68 @@
+"""Two small pure-ASGI middlewares: request metrics, and a readable start-up failure."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+
+_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"}
+
+
+class MetricsMiddleware:
+    """Counts requests by endpoint (route template), method and status; times them; in-flight."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the client gets if an exception escapes the app
+
+        async def send_and_record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        t0 = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_and_record_status)
+        finally:
+            self.metrics.in_flight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.metrics.observe_request(endpoint, method, status, time.perf_counter() - t0)
+
+
+class StartupFailureMiddleware:
+    """Replace the traceback Starlette reports for a failed start-up with the reason alone.
+
+    The lifespan stores a ``StartupError``'s text in ``app.state.startup_error`` (a broken package,
+    bad settings); uvicorn then logs ``cannot start: <reason>`` and exits, instead of printing a
+    page of traceback. Any other start-up exception keeps its full traceback.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_readable(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                reason = getattr(scope["app"].state, "startup_error", None)
+                if reason:
+                    message = {**message, "message": f"cannot start: {reason}"}
+            await send(message)
+
+        await self.app(scope, receive, send_readable)

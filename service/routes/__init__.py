@@ -1,0 +1,1 @@
+"""One APIRouter per concern; ``service.app.create_app`` includes them all."""

@@ -1,0 +1,68 @@
+"""``POST /classify``: images in, top-k labels, heads run, FLOPs and stage latency out."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from service.deps import ReadyServiceDep, SettingsDep
+from service.runtime import Mode
+from service.schemas import ClassifyResponse, Latency, classify_response, error_responses
+from service.upload import read_images
+
+router = APIRouter(tags=["classify"])
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "Images as repeatable multipart field `file`, or one raw image body.",
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["file"],
+                "properties": {"file": {"type": "array",
+                                        "items": {"type": "string", "format": "binary"}}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def server_timing(latency: Latency) -> str:
+    """``decode;dur=1.234, trunk;dur=3.456, ..., total;dur=9.9`` (milliseconds)."""
+    stages = latency.model_dump(exclude_none=True)
+    return ", ".join(f"{stage};dur={seconds * 1000:.3f}" for stage, seconds in stages.items())
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses=error_responses(400, 413, 415, 422, 503),
+    openapi_extra=_BODY_DOC,
+    summary="Classify one or more images",
+    description="Runs the trunk and clustifier on every image and only the heads the activator "
+    "picks at τ (`mode=conditional`), or the original model (`mode=original`, for A/B). "
+    "Stage latency is also sent in the `Server-Timing` header (milliseconds).",
+)
+async def classify(
+    request: Request,
+    response: Response,
+    service: ReadyServiceDep,
+    settings: SettingsDep,
+    top_k: Annotated[int | None, Query(
+        ge=1, description="Labels per image; larger than the number of classes is clamped to it. "
+        "Default: CPCNN_DEFAULT_TOP_K.")] = None,
+    tau: Annotated[float | None, Query(
+        ge=0.0, le=1.0, allow_inf_nan=False,
+        description="τ for this request only, in [0, 1]; default: the server's current τ.")] = None,
+    mode: Annotated[Mode, Query(description="conditional (CP-CNN) or original (baseline).")]
+    = "conditional",
+) -> ClassifyResponse:
+    t0 = time.perf_counter()
+    images = await read_images(request, max_body_bytes=settings.max_body_bytes,
+                               max_files=settings.max_files)
+    outcome = await service.classify(images, tau=tau, mode=mode)
+    body = classify_response(outcome, top_k or settings.default_top_k, time.perf_counter() - t0)
+    response.headers["Server-Timing"] = server_timing(body.latency)
+    return body

@@ -1,0 +1,16 @@
+"""Model metadata: classes, clusters, FLOPs, τ, the τ sweep, training info."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.deps import ReadyServiceDep
+from service.schemas import ModelInfo, error_responses, model_info
+
+router = APIRouter(tags=["model"])
+
+
+@router.get("/v1/model", response_model=ModelInfo, responses=error_responses(503),
+            summary="The served model package")
+async def get_model(service: ReadyServiceDep) -> ModelInfo:
+    return model_info(service.manifest, service.tau, service.runner.providers)

@@ -1,0 +1,111 @@
+"""Service settings: one ``Settings(BaseSettings)`` read from ``CPCNN_*`` environment variables.
+
+Every setting is documented in ``service/README.md``. ``get_settings()`` is cached, so the
+environment is read once per process; tests pass a ``Settings(...)`` to ``create_app`` or override
+``get_settings`` through ``app.dependency_overrides``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+import onnxruntime as ort
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_model_dir() -> Path:
+    """The shipped default: the Tiny-ImageNet-200 package when present, else the synthetic one."""
+    for candidate in (Path("models/tiny-imagenet-200"), Path("models/synthetic")):
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    return Path("models/tiny-imagenet-200")
+
+
+class Settings(BaseSettings):
+    """Configuration of one server process (env prefix ``CPCNN_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CPCNN_", extra="forbid", frozen=True)
+
+    model_dir: Path = Field(
+        default_factory=_default_model_dir, description="Model package directory (holds manifest.json)."
+    )
+    host: str = Field(default="127.0.0.1", description="Interface `python -m service` binds.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port `python -m service` binds.")
+    admin_token: SecretStr | None = Field(
+        default=None, description="Bearer token for /admin/*; unset or empty disables admin."
+    )
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="ONNX Runtime execution providers in order, comma-separated; empty: CUDA "
+        "when available, else CPU.",
+    )
+    intra_op_threads: int = Field(default=0, ge=0, description="ORT intra-op threads (0: ORT's default).")
+    inter_op_threads: int = Field(default=1, ge=0, description="ORT inter-op threads.")
+    inference_concurrency: int = Field(
+        default=1, ge=1, description="Inference calls allowed to run at once (worker threads)."
+    )
+    batching: bool = Field(
+        default=True, description="Dynamic micro-batching of concurrent requests (false: each "
+        "request runs alone).")
+    max_batch_size: int = Field(default=32, ge=1, le=1024,
+                                description="Most images in one micro-batch.")
+    max_batch_delay_ms: float = Field(
+        default=2.0, ge=0.0, le=1000.0, allow_inf_nan=False,
+        description="Longest a request waits for others to join its batch (milliseconds).")
+    verify_checksums: bool = Field(default=True, description="Check every file's sha256 on load.")
+    tau: float | None = Field(
+        default=None, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Initial τ; unset: the package's default_tau.",
+    )
+    default_top_k: int = Field(default=5, ge=1, description="top_k when a request gives none.")
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="Largest request body.")
+    max_files: int = Field(default=16, ge=1, description="Most images in one request.")
+    max_image_pixels: int = Field(
+        default=40_000_000, ge=1, description="Largest decoded image (width x height): bomb guard."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level of the service's loggers."
+    )
+
+    @field_validator("model_dir")
+    @classmethod
+    def _model_dir_exists(cls, v: Path) -> Path:
+        if not v.is_dir():
+            raise ValueError(
+                f"model directory {str(v)!r} does not exist or is not a directory: set "
+                "CPCNN_MODEL_DIR to an exported model package (a directory with manifest.json)"
+            )
+        return v
+
+    @field_validator("admin_token")
+    @classmethod
+    def _empty_token_is_none(cls, v: SecretStr | None) -> SecretStr | None:
+        return v if v is not None and v.get_secret_value() else None
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, v: list[str]) -> list[str]:
+        available = ort.get_available_providers()
+        unknown = [p for p in v if p not in available]
+        if unknown:
+            raise ValueError(
+                f"execution providers {unknown} are not in this onnxruntime build; "
+                f"available: {available}"
+            )
+        return v
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once."""
+    return Settings()

@@ -1,0 +1,93 @@
+"""Reading images out of a ``/classify`` request body, with the body-size and file-count limits.
+
+Two shapes are accepted: ``multipart/form-data`` with a repeatable file field ``file``, or one raw
+image body with ``Content-Type: image/*`` (``application/octet-stream`` is accepted too, for
+``curl --data-binary``). The body is counted while it streams in, so a huge upload is refused at
+the limit instead of being buffered first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from service.errors import InvalidRequest, LimitExceeded, UnsupportedMediaType
+from service.runtime import ImageInput
+
+FILE_FIELD = "file"
+HOW_TO_SEND = ("send images as multipart/form-data field 'file' (curl -F file=@img.jpg, repeat for "
+               "several) or one raw image body with Content-Type: image/jpeg, image/png, ...")
+
+
+def _too_large(limit: int) -> LimitExceeded:
+    return LimitExceeded(
+        f"request body is larger than the limit of {limit} bytes (CPCNN_MAX_BODY_BYTES): send "
+        "fewer or smaller images per request", code="body_too_large")
+
+
+async def _limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        yield chunk
+
+
+async def read_images(request: Request, *, max_body_bytes: int, max_files: int) -> list[ImageInput]:
+    """The request's images, or a ``ServiceError`` saying what is wrong with the body."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_body_bytes:
+        raise _too_large(max_body_bytes)
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        return await _read_multipart(request, max_body_bytes, max_files)
+    if media.startswith("image/") or media == "application/octet-stream":
+        body = b"".join([chunk async for chunk in _limited_stream(request, max_body_bytes)])
+        if not body:
+            raise InvalidRequest(f"the request body is empty: {HOW_TO_SEND}", code="empty_body")
+        return [ImageInput(body, filename=None, name="the request body")]
+    if not media:
+        if declared in ("", "0"):
+            raise InvalidRequest(f"the request has no body: {HOW_TO_SEND}", code="empty_body")
+        raise UnsupportedMediaType(f"the request has no Content-Type: {HOW_TO_SEND}")
+    raise UnsupportedMediaType(f"Content-Type {media!r} is not accepted: {HOW_TO_SEND}")
+
+
+async def _read_multipart(request: Request, limit: int, max_files: int) -> list[ImageInput]:
+    parser = MultiPartParser(request.headers, _limited_stream(request, limit),
+                             max_files=max_files, max_fields=16)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        if str(e).startswith("Too many files"):
+            raise LimitExceeded(
+                f"more than {max_files} files in one request (CPCNN_MAX_FILES): split them over "
+                "several requests", code="too_many_files") from e
+        raise InvalidRequest(f"malformed multipart body ({e}): {HOW_TO_SEND}",
+                             code="invalid_multipart") from e
+    try:
+        unexpected = sorted({key for key in form if key != FILE_FIELD})
+        if unexpected:
+            raise InvalidRequest(
+                f"unexpected multipart field(s) {unexpected}: images go in field 'file'; "
+                "top_k, tau and mode go in the query string (?top_k=5&tau=0.7)",
+                code="unexpected_field")
+        parts = form.getlist(FILE_FIELD)
+        if not parts:
+            raise InvalidRequest(f"no 'file' part in the multipart body: {HOW_TO_SEND}",
+                                 code="missing_file")
+        images = []
+        for i, part in enumerate(parts, start=1):
+            if not isinstance(part, UploadFile):
+                raise InvalidRequest(
+                    f"multipart part {i} named 'file' is a text field, not a file upload: "
+                    "give it a filename (curl -F file=@img.jpg)", code="missing_file")
+            images.append(ImageInput(await part.read(), filename=part.filename,
+                                     name=f"file {i} ({part.filename!r})"))
+        return images
+    finally:
+        await form.close()
