@@ -50,3 +50,6 @@ train-tiny: $(VENV)/.dev  ## train the Tiny-ImageNet-200 default model (hours on
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+bench: $(VENV)/.dev $(MODEL_DIR)/manifest.json  ## serving benchmark -> bench/results/ (not part of the tests)
+	$(BIN)/python bench/serve_bench.py --model-dir $(MODEL_DIR) $(BENCH_ARGS)

@@ -2,7 +2,9 @@
 
 Requests wait in a queue; a single worker task takes the first, then keeps collecting until the
 batch holds ``max_batch_size`` images or ``max_delay`` seconds (monotonic clock) have passed since
-the first arrived. One batch = one trunk and one clustifier run over every image, the activator
+the first arrived. It only waits while more requests are on their way (``arriving()``: requests
+still being decoded), so a lone request at low load runs at once instead of paying the delay;
+under load, requests that queue while a batch runs are taken together at once. One batch = one trunk and one clustifier run over every image, the activator
 per image (each request keeps its own τ), each head run once on just the images routed to it
 (``PackageRunner`` groups by head), then the predictions are cut back into per-request slices.
 Requests in original mode are batched the same way, separately. A failure fails only the
@@ -53,13 +55,15 @@ class _Pending:
 
 class MicroBatcher:
     def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_delay: float,
-                 on_batch: Callable[[Hashable, int], None] | None = None) -> None:
+                 on_batch: Callable[[Hashable, int], None] | None = None,
+                 arriving: Callable[[], int] = lambda: 1) -> None:
         if max_batch_size < 1 or max_delay < 0:
             raise ValueError("max_batch_size must be >= 1 and max_delay >= 0")
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay
         self._on_batch = on_batch
+        self._arriving = arriving
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
 
@@ -91,6 +95,8 @@ class MicroBatcher:
         deadline = first.enqueued + self.max_delay
         while count < self.max_batch_size:
             remaining = deadline - time.monotonic()
+            if self._queue.empty() and self._arriving() <= 0:
+                break  # nobody else is coming: waiting would only add latency
             try:
                 item = self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(
                     self._queue.get(), remaining)

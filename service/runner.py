@@ -102,6 +102,7 @@ class PackageRunner:
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
+        allow_spinning: bool = True,
         verify: bool = True,
         manifest: Manifest | None = None,
     ) -> None:
@@ -112,6 +113,10 @@ class PackageRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
+        # Spinning threads answer the next op sooner but burn CPU between runs; with several
+        # sessions and a decoder sharing few cores that can cost more than it saves (bench/).
+        options.add_session_config_entry("session.intra_op.allow_spinning",
+                                         "1" if allow_spinning else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._sessions = {
             role: _Session(self.package_dir / comp.file, comp, options, self.providers)

@@ -29,7 +29,13 @@ from PIL import Image
 
 from service.batcher import BatchSlice, MicroBatcher
 from service.decode import decode, prepare
-from service.errors import InvalidParameter, ModelNotReady, StartupError
+from service.errors import (
+    InvalidImage,
+    InvalidParameter,
+    LimitExceeded,
+    ModelNotReady,
+    StartupError,
+)
 from service.manifest import Manifest, PackageError
 from service.metrics import Metrics
 from service.runner import BatchResult, PackageRunner, Prediction
@@ -86,6 +92,7 @@ class InferenceService:
         self._tau_lock = threading.Lock()
         self._limiter: anyio.CapacityLimiter | None = None
         self._batcher: MicroBatcher | None = None
+        self._arriving = 0  # requests decoding now (event-loop thread only): the batcher waits for them
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -102,7 +109,8 @@ class InferenceService:
             self._batcher = MicroBatcher(
                 self._run_batch, max_batch_size=self.settings.max_batch_size,
                 max_delay=self.settings.max_batch_delay_ms / 1000,
-                on_batch=lambda key, n: self.metrics.batch_size.labels(mode=key[1]).observe(n))
+                on_batch=lambda key, n: self.metrics.batch_size.labels(mode=key[1]).observe(n),
+                arriving=lambda: self._arriving)
             self._batcher.start()
         self._ready = True
         self.metrics.set_ready(True)
@@ -116,6 +124,7 @@ class InferenceService:
                 providers=s.providers or None,
                 intra_op_threads=s.intra_op_threads,
                 inter_op_threads=s.inter_op_threads,
+                allow_spinning=s.allow_spinning,
                 verify=s.verify_checksums,
             )
             t0 = time.perf_counter()
@@ -187,8 +196,12 @@ class InferenceService:
         if not images:
             raise InvalidParameter("no images to classify")
         size = runner.manifest.input.size
-        batch, timings = await anyio.to_thread.run_sync(
-            partial(_decode_all, images, size, self.settings.max_image_pixels))
+        self._arriving += 1
+        try:
+            batch, timings = await anyio.to_thread.run_sync(
+                partial(_decode_all, images, size, self.settings.max_image_pixels))
+        finally:
+            self._arriving -= 1
         result = await self.infer(runner, batch, tau_used, mode)
         stage_seconds = {"decode": sum(t[0] for t in timings),
                          "preprocess": sum(t[1] for t in timings), **result.timings}
@@ -200,6 +213,54 @@ class InferenceService:
                     for img, pred, (dec, pre) in zip(images, result.predictions, timings,
                                                      strict=True)],
             stage_seconds=stage_seconds,
+            total_seconds=time.perf_counter() - t0,
+        )
+        self.metrics.observe_classification(outcome)
+        return outcome
+
+    async def classify_pixels(self, pixels: np.ndarray, *, tau: float | None = None,
+                              mode: Mode = "conditional") -> ClassifyOutcome:
+        """Classify decoded (N, H, W, 3) uint8 RGB ``pixels`` at ``tau`` in ``mode``.
+
+        Images of another size than the model's are prepared (shorter side resized, centre crop)
+        with the same function as decoded uploads, in a worker thread; decode time is 0.
+        """
+        t0 = time.perf_counter()
+        runner = self.runner
+        tau_used = self.tau if tau is None else check_tau(tau)  # read once per request
+        if mode not in ("conditional", "original"):
+            raise InvalidParameter(f"mode must be 'conditional' or 'original', got {mode!r}")
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3 or not pixels.size:
+            raise InvalidImage(f"pixels must be a non-empty (N, H, W, 3) uint8 RGB array, got "
+                               f"shape {list(pixels.shape)} of {pixels.dtype}")
+        n, height, width, _ = pixels.shape
+        if height * width > self.settings.max_image_pixels:
+            raise LimitExceeded(
+                f"{height}x{width} images are more pixels than the limit of "
+                f"{self.settings.max_image_pixels} (CPCNN_MAX_IMAGE_PIXELS): send smaller images",
+                code="image_too_large")
+        size = runner.manifest.input.size
+        if (height, width) == (size, size):
+            batch, timings = np.ascontiguousarray(pixels), [(0.0, 0.0)] * n
+        else:
+            def prepare_all() -> tuple[np.ndarray, list[tuple[float, float]]]:
+                arrays, seconds = [], []
+                for image in pixels:  # (H, W, 3)
+                    t = time.perf_counter()
+                    arrays.append(prepare(Image.fromarray(image), size))
+                    seconds.append((0.0, time.perf_counter() - t))
+                return np.stack(arrays), seconds  # (N, size, size, 3)
+
+            batch, timings = await anyio.to_thread.run_sync(prepare_all)
+        result = await self.infer(runner, batch, tau_used, mode)
+        outcome = ClassifyOutcome(
+            manifest=runner.manifest,
+            mode=mode,
+            tau=tau_used if mode == "conditional" else None,
+            images=[ImageOutcome(None, pred, 0.0, pre)
+                    for pred, (_, pre) in zip(result.predictions, timings, strict=True)],
+            stage_seconds={"decode": 0.0, "preprocess": sum(t[1] for t in timings),
+                           **result.timings},
             total_seconds=time.perf_counter() - t0,
         )
         self.metrics.observe_classification(outcome)

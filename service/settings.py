@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
-def _default_model_dir() -> Path:
+def default_model_dir() -> Path:
     """The shipped default: the Tiny-ImageNet-200 package when present, else the synthetic one."""
     for candidate in (Path("models/tiny-imagenet-200"), Path("models/synthetic")):
         if (candidate / "manifest.json").is_file():
@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CPCNN_", extra="forbid", frozen=True)
 
     model_dir: Path = Field(
-        default_factory=_default_model_dir, description="Model package directory (holds manifest.json)."
+        default_factory=default_model_dir, description="Model package directory (holds manifest.json)."
     )
     host: str = Field(default="127.0.0.1", description="Interface `python -m service` binds.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port `python -m service` binds.")
@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(default=0, ge=0, description="ORT intra-op threads (0: ORT's default).")
     inter_op_threads: int = Field(default=1, ge=0, description="ORT inter-op threads.")
+    allow_spinning: bool = Field(
+        default=True, description="Let ORT intra-op threads spin between ops (lower latency, "
+        "more idle CPU); see bench/ for the measured trade-off.")
     inference_concurrency: int = Field(
         default=1, ge=1, description="Inference calls allowed to run at once (worker threads)."
     )

@@ -1,0 +1,312 @@
+"""Serving benchmark: conditional CP-CNN against the original model, served the same way, and
+against raw ONNX Runtime compute of the same work in-process.
+
+    python bench/serve_bench.py [--model-dir DIR] [--seconds 10] [--concurrency 1,8,32]
+
+For each server configuration (micro-batching on, then off) it starts a real uvicorn server on
+127.0.0.1, warms it up, and drives it with a closed-loop load generator (C concurrent clients, one
+image per request, raw ``image/png`` bodies) for a fixed time per (mode, concurrency). It then
+times the package runner in-process on the same images at batch size 1 (the "raw" compute a
+server at concurrency 1 wraps), plus the ORT thread settings compared side by side. Results go to
+``bench/results/<machine>-<package>-<version>.{json,md}`` with the machine they were measured on.
+All figures are medians/percentiles of one run; compare ratios within a file, not across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.manifest import load_manifest  # noqa: E402
+from service.runner import PackageRunner  # noqa: E402
+from service.settings import default_model_dir  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+# -- the machine ---------------------------------------------------------------------------------
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    return {"hostname": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "gpu": gpu or None,
+            "python": platform.python_version(), "onnxruntime": ort.__version__,
+            "providers": ort.get_available_providers(), "load_average_before": os.getloadavg()}
+
+
+# -- images ----------------------------------------------------------------------------------------
+def validation_images(model_dir: Path, count: int) -> np.ndarray:
+    """``count`` images of the package's own validation split (needs the training extra)."""
+    from training.config import config_from_dict
+    from training.data import load_dataset, split_dataset
+
+    m = load_manifest(model_dir, verify=False)
+    cfg = config_from_dict(m.training.config)
+    data = load_dataset(cfg.data)
+    val = split_dataset(data.labels, cfg.val_per_class, cfg.calib_per_class, cfg.seed).val
+    pick = np.random.default_rng(0).choice(val, size=min(count, len(val)), replace=False)
+    return data.images[pick]
+
+
+def encode_png(images: np.ndarray) -> list[bytes]:
+    out = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+# -- a served model ------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        full = {k: v for k, v in os.environ.items() if not k.startswith("CPCNN_")}
+        full.update(CPCNN_MODEL_DIR=str(model_dir), CPCNN_LOG_LEVEL="WARNING", **env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port",
+             str(self.port), "--no-access-log", "--log-level", "warning"],
+            cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("server did not become ready in 120 s")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def drive(base: str, bodies: list[bytes], mode: str, concurrency: int,
+                seconds: float) -> dict:
+    """Closed loop: ``concurrency`` clients send one image per request until time is up."""
+    latencies: list[float] = []
+    flops: list[float] = []
+    savings: list[float] = []
+    errors = 0
+    url = f"{base}/classify?top_k=5&mode={mode}"
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def client(worker: int, stop_at: float, c: httpx.AsyncClient) -> None:
+        nonlocal errors
+        i = worker
+        while time.perf_counter() < stop_at:
+            body = bodies[i % len(bodies)]
+            i += concurrency
+            t0 = time.perf_counter()
+            r = await c.post(url, content=body, headers={"Content-Type": "image/png"})
+            dt = time.perf_counter() - t0
+            if r.status_code != 200:
+                errors += 1
+                continue
+            latencies.append(dt)
+            f = r.json()["results"][0]["flops"]
+            flops.append(f["total"])
+            savings.append(f["saving"])
+
+    async with httpx.AsyncClient(timeout=60, limits=limits) as c:
+        warm_until = time.perf_counter() + min(2.0, seconds / 4)  # warm-up, not recorded
+        await asyncio.gather(*(client(w, warm_until, c) for w in range(concurrency)))
+        latencies.clear(), flops.clear(), savings.clear()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(w, t0 + seconds, c) for w in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    lat = np.array(latencies)
+    return {"mode": mode, "concurrency": concurrency, "requests": len(lat), "errors": errors,
+            "throughput_rps": len(lat) / elapsed,
+            "p50_ms": 1e3 * float(np.percentile(lat, 50)), "p95_ms": 1e3 * float(np.percentile(lat, 95)),
+            "p99_ms": 1e3 * float(np.percentile(lat, 99)), "mean_flops": float(np.mean(flops)),
+            "flop_saving": float(np.mean(savings))}
+
+
+# -- raw compute in-process -------------------------------------------------------------------------
+def time_runner(runner: PackageRunner, images: np.ndarray, mode: str, tau: float,
+                repeats: int = 3) -> dict:
+    """Median latency of the package runner on single images (no HTTP, no decoding)."""
+    fn = (lambda x: runner.run_original(x)) if mode == "original" else (lambda x: runner.run(x, tau))
+    for img in images[:8]:
+        fn(img[None])
+    times = []
+    for _ in range(repeats):
+        for img in images:
+            t0 = time.perf_counter()
+            fn(img[None])
+            times.append(time.perf_counter() - t0)
+    return {"mode": mode, "p50_ms": 1e3 * statistics.median(times),
+            "p95_ms": 1e3 * float(np.percentile(times, 95))}
+
+
+def thread_settings(model_dir: Path, images: np.ndarray, tau: float) -> list[dict]:
+    """ORT intra-op threads × spinning, batch 1 and batch 32, side by side in one process."""
+    rows = []
+    batch = images[:32]
+    for threads in (1, 2):
+        for spin in (True, False):
+            runner = PackageRunner(model_dir, intra_op_threads=threads, allow_spinning=spin,
+                                   verify=False)
+            single = time_runner(runner, images[:64], "conditional", tau, repeats=2)["p50_ms"]
+            for _ in range(2):
+                runner.run(batch, tau)
+            t = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                runner.run(batch, tau)
+                t.append(time.perf_counter() - t0)
+            rows.append({"intra_op_threads": threads, "allow_spinning": spin,
+                         "batch1_p50_ms": single, "batch32_ms": 1e3 * statistics.median(t),
+                         "batch32_images_per_s": len(batch) / statistics.median(t)})
+    return rows
+
+
+# -- report ----------------------------------------------------------------------------------------
+def markdown(result: dict) -> str:
+    m, lines = result["machine"], []
+    lines += [f"# Serving benchmark: {result['package']} {result['version']}", "",
+              f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; "
+              f"onnxruntime {m['onnxruntime']}; {result['date']}.",
+              f"τ = {result['tau']}; {result['seconds']} s per cell; one image (PNG, "
+              f"{result['image_size']} px) per request; {result['images']} validation images.", "",
+              "| batching | mode | concurrency | requests | throughput (req/s) | p50 ms | p95 ms | p99 ms | mean MFLOPs | FLOP saving |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["served"]:
+        lines.append(f"| {'on' if r['batching'] else 'off'} | {r['mode']} | {r['concurrency']} | "
+                     f"{r['requests']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.2f} | "
+                     f"{r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_flops'] / 1e6:.2f} | "
+                     f"{100 * r['flop_saving']:.1f}% |")
+    lines += ["", "Raw compute in-process (package runner, batch 1, same images):", "",
+              "| mode | p50 ms | p95 ms |", "|---|---|---|"]
+    for r in result["raw"]:
+        lines.append(f"| {r['mode']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} |")
+    lines += ["", "ONNX Runtime thread settings (in-process, conditional):", "",
+              "| intra-op threads | spinning | batch 1 p50 ms | batch 32 ms | batch 32 images/s |",
+              "|---|---|---|---|---|"]
+    for r in result["threads"]:
+        lines.append(f"| {r['intra_op_threads']} | {r['allow_spinning']} | {r['batch1_p50_ms']:.2f} "
+                     f"| {r['batch32_ms']:.1f} | {r['batch32_images_per_s']:.0f} |")
+    lines += ["", "Targets (issue 5):", ""]
+    for t in result["targets"]:
+        lines.append(f"- {'PASS' if t['ok'] else 'FAIL'}: {t['name']}: {t['detail']}")
+    return "\n".join(lines) + "\n"
+
+
+def targets(result: dict) -> list[dict]:
+    def cell(batching: bool, mode: str, c: int) -> dict | None:
+        return next((r for r in result["served"] if r["batching"] == batching and r["mode"] == mode
+                     and r["concurrency"] == c), None)
+
+    out = []
+    cond, orig = cell(True, "conditional", 1), cell(True, "original", 1)
+    if cond and orig:
+        saving = cond["flop_saving"]
+        bound = orig["p50_ms"] * (1 - 0.8 * saving)
+        out.append({"name": "conditional p50 ≤ original p50 × (1 − 0.8 × FLOP saving) at c=1",
+                    "ok": cond["p50_ms"] <= bound,
+                    "detail": f"{cond['p50_ms']:.2f} ms vs bound {bound:.2f} ms "
+                              f"(original {orig['p50_ms']:.2f} ms, saving {100 * saving:.1f}%)"})
+        raw = next(r for r in result["raw"] if r["mode"] == "conditional")
+        out.append({"name": "server p50 ≤ 1.3 × raw ORT compute at c=1 (stretch 1.15)",
+                    "ok": cond["p50_ms"] <= 1.3 * raw["p50_ms"],
+                    "detail": f"{cond['p50_ms']:.2f} ms vs raw {raw['p50_ms']:.2f} ms = "
+                              f"{cond['p50_ms'] / raw['p50_ms']:.2f}×"})
+    c_max = max(result["concurrency"])
+    on, off = cell(True, "conditional", c_max), cell(False, "conditional", c_max)
+    if on and off:
+        ratio = on["throughput_rps"] / off["throughput_rps"]
+        out.append({"name": f"throughput at c={c_max}: batching ≥ 1.5 × no batching, p99 ≤ 3 × p50",
+                    "ok": ratio >= 1.5 and on["p99_ms"] <= 3 * on["p50_ms"],
+                    "detail": f"{on['throughput_rps']:.1f} vs {off['throughput_rps']:.1f} req/s = "
+                              f"{ratio:.2f}×; p99/p50 = {on['p99_ms'] / on['p50_ms']:.2f}"})
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=None)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--tau", type=float, default=None, help="default: the package's")
+    parser.add_argument("--max-batch-delay-ms", default="2")
+    args = parser.parse_args()
+    model_dir = args.model_dir or default_model_dir()
+    manifest = load_manifest(model_dir)
+    tau = manifest.activator.default_tau if args.tau is None else args.tau
+    levels = [int(c) for c in args.concurrency.split(",")]
+    images = validation_images(model_dir, args.images)
+    bodies = encode_png(images)
+    result: dict = {"package": manifest.name, "version": manifest.version, "tau": tau,
+                    "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "seconds": args.seconds, "concurrency": levels, "images": len(images),
+                    "image_size": manifest.input.size, "served": []}
+    for batching in (True, False):
+        server = Server(model_dir, {"CPCNN_BATCHING": str(batching).lower(), "CPCNN_TAU": str(tau),
+                                    "CPCNN_MAX_BATCH_DELAY_MS": args.max_batch_delay_ms})
+        try:
+            for mode in ("conditional", "original"):
+                for c in levels:
+                    r = asyncio.run(drive(server.base, bodies, mode, c, args.seconds))
+                    r["batching"] = batching
+                    print(json.dumps(r))
+                    result["served"].append(r)
+        finally:
+            server.close()
+    runner = PackageRunner(model_dir, verify=False)
+    result["raw"] = [time_runner(runner, images, mode, tau) for mode in ("conditional", "original")]
+    result["threads"] = thread_settings(model_dir, images, tau)
+    result["targets"] = targets(result)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    gpu = "gpu" if result["machine"]["gpu"] else "cpu"
+    stem = f"{gpu}{result['machine']['cores']}-{manifest.name}-{manifest.version}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
