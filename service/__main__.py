@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
 
@@ -15,7 +17,15 @@ from service.logconfig import configure_logging
 logger = logging.getLogger("service")
 
 
+def _exit_zero(sig: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def main() -> int:
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler it found:
+    # with this one the process then exits 0 (a requested stop is not a failure) instead of dying
+    # by the signal. SIGTERM before uvicorn has started exits 0 at once.
+    signal.signal(signal.SIGTERM, _exit_zero)
     try:
         settings = resolve_settings(application)
     except StartupError as e:

@@ -7,6 +7,7 @@ the lifespan; a broken package or bad settings stop start-up with one line sayin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -21,11 +22,12 @@ from pydantic import ValidationError
 from service.errors import StartupError, install_error_handlers
 from service.logconfig import configure_logging
 from service.metrics import Metrics
-from service.middleware import MetricsMiddleware, StartupFailureMiddleware
-from service.routes import admin, classify, health, model
+from service.middleware import AllowHeaderMiddleware, MetricsMiddleware, StartupFailureMiddleware
+from service.routes import admin, classify, health, model, v2
 from service.routes import metrics as metrics_route
 from service.runtime import InferenceService
 from service.settings import Settings, get_settings
+from service.shutdown import readiness_first
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +78,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.debug("start-up failed", exc_info=True)
         raise
     try:
-        yield
+        # SIGTERM: readiness 503 at once, serve on for CPCNN_SHUTDOWN_DELAY_S, then uvicorn's
+        # graceful shutdown (stop accepting, finish in-flight requests) and the lines below.
+        with readiness_first(service.stop, delay=settings.shutdown_delay_s):
+            yield
     finally:
-        service.stop()  # readiness turns 503 first
+        service.stop()  # readiness 503 (if the signal did not turn it already)
         await service.aclose()  # queued micro-batches finish
         logger.info("shut down")
 
@@ -101,12 +106,28 @@ def create_app(settings: Settings | None = None, *,
     if settings is not None:
         app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)
+    app.add_middleware(AllowHeaderMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(StartupFailureMiddleware)
     for router in (classify.router, model.router, admin.router, health.router,
-                   metrics_route.router):
+                   metrics_route.router, v2.router):
         app.include_router(router)
+    _document_limits_in_openapi(app)
     return app
+
+
+def _document_limits_in_openapi(app: FastAPI) -> None:
+    """The OpenAPI schema states this server's configured limits (read once, when first built)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            with contextlib.suppress(StartupError):  # bad settings: the schema without them
+                classify.document_limits(schema, resolve_settings(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 app = create_app()

@@ -23,12 +23,14 @@ logger = logging.getLogger(__name__)
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 
 
-def decode(data: bytes, *, max_pixels: int, name: str = "image") -> Image.Image:
+def decode(data: bytes, *, max_pixels: int, max_side: int | None = None,
+           name: str = "image") -> Image.Image:
     """Decode ``data`` fully (frame 0 of an animation), or raise ``InvalidImage``/``LimitExceeded``.
 
-    The pixel limit is checked on the header's size, before any pixel is decompressed. Pillow's
-    own process-wide guard (``Image.MAX_IMAGE_PIXELS``, raised by the app to at least this limit)
-    stays in place behind it.
+    The pixel and side-length limits are checked on the header's size, before any pixel is
+    decompressed. Pillow's own process-wide guard (``Image.MAX_IMAGE_PIXELS``, raised by the app
+    to at least ``max_pixels``) stays in place behind them and refuses a header claiming more than
+    twice its value inside ``Image.open`` already; that is answered with the same limit.
     """
     if not data:
         raise InvalidImage(f"{name} is empty: send the bytes of a JPEG, PNG, ... image")
@@ -40,11 +42,17 @@ def decode(data: bytes, *, max_pixels: int, name: str = "image") -> Image.Image:
                 f"{name} is {width}x{height} = {width * height} pixels, more than the limit of "
                 f"{max_pixels} (CPCNN_MAX_IMAGE_PIXELS): send a smaller image", code="image_too_large"
             )
+        if max_side is not None and max(width, height) > max_side:
+            raise LimitExceeded(
+                f"{name} is {width}x{height}; its longer side is more than the limit of {max_side} "
+                "pixels (CPCNN_MAX_IMAGE_SIDE): send a smaller image", code="image_too_large")
         img.seek(0)  # animated GIF/PNG/WebP/TIFF: the first frame
         img.load()
     except Image.DecompressionBombError as e:
-        raise LimitExceeded(f"{name} has too many pixels to decode safely: {e}",
-                            code="image_too_large") from e
+        logger.debug("Pillow refused %s: %s", name, e)
+        raise LimitExceeded(
+            f"{name} declares more pixels than the limit of {max_pixels} "
+            "(CPCNN_MAX_IMAGE_PIXELS): send a smaller image", code="image_too_large") from e
     except UnidentifiedImageError as e:
         raise InvalidImage(
             f"{name} is not an image in a supported format ({', '.join(FORMATS)})"
@@ -61,10 +69,16 @@ def decode(data: bytes, *, max_pixels: int, name: str = "image") -> Image.Image:
         return img
 
 
+# A strip more elongated than this (e.g. 10000 x 1) is not scaled whole before the crop: only the
+# kept square is resampled, so the work stays bounded by the output size (preprocess.py).
+MAX_ASPECT_SCALED_WHOLE = 16
+
+
 def prepare(img: Image.Image, size: int) -> np.ndarray:
     """Any Pillow mode → RGB → resize + centre crop → (size, size, 3) uint8."""
     try:
-        rgb = resize_center_crop(to_rgb(img), size)
+        rgb = resize_center_crop(to_rgb(img), size,
+                                 max_resized_pixels=MAX_ASPECT_SCALED_WHOLE * size * size)
         arr = np.asarray(rgb, dtype=np.uint8)
     except (OSError, ValueError) as e:
         raise InvalidImage(f"image could not be converted to RGB ({e})") from e

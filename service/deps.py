@@ -32,8 +32,12 @@ OptionalServiceDep = Annotated[InferenceService | None, Depends(get_optional_ser
 
 
 def get_ready_service(service: OptionalServiceDep) -> InferenceService:
-    """The service once its package is loaded and warmed up; 503 ``model_not_ready`` before."""
-    if service is None or not service.ready:
+    """The service once its package is loaded and warmed up; 503 ``model_not_ready`` before.
+
+    While shutting down (readiness already 503) requests are still served until the server
+    closes: a request a load balancer routed here just before is not failed.
+    """
+    if service is None or not service.serving:
         raise ModelNotReady("the model is not loaded yet (or shutting down); retry shortly and "
                             "watch GET /readyz")
     return service

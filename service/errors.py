@@ -76,6 +76,24 @@ class AdminDisabled(ServiceError):
     code = "admin_disabled"
 
 
+class Forbidden(ServiceError):
+    """An admin request for something outside what it may touch (a path out of the models root)."""
+
+    code = "forbidden"
+
+
+class NotFound(ServiceError):
+    """A named thing (a package directory) that does not exist."""
+
+    code = "not_found"
+
+
+class Conflict(ServiceError):
+    """A state change refused: a broken package on reload, a reload already running."""
+
+    code = "conflict"
+
+
 class ModelNotReady(ServiceError):
     code = "model_not_ready"
 
@@ -89,7 +107,10 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     InvalidImage: 400,
     InvalidRequest: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     AdminDisabled: 404,
+    NotFound: 404,
+    Conflict: 409,
     LimitExceeded: 413,
     UnsupportedMediaType: 415,
     InvalidParameter: 422,

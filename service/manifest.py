@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -246,3 +247,16 @@ def write_manifest(manifest: Manifest, package_dir: Path) -> Path:
     path = Path(package_dir) / MANIFEST_FILE
     path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return path
+
+
+def copy_package(src: Path, dst: Path, *, version: str | None = None) -> Path:
+    """Copy the package ``src`` to ``dst``, its manifest's version set to ``version`` if given.
+
+    ``manifest.json`` is not among the checksummed files, so the copy stays a valid package; two
+    copies with different versions tell apart which one answered (reload tests, the soak).
+    """
+    shutil.copytree(src, dst)
+    if version is not None:
+        manifest = read_manifest(dst)
+        write_manifest(manifest.model_copy(update={"version": version}), dst)
+    return dst

@@ -87,6 +87,9 @@ class Metrics:
         self.model_info = Info(f"{p}_model", "The model package being served.", registry=r)
         self.ready = Gauge(f"{p}_model_ready",
                                   "1 when the package is loaded and warmed up, else 0.", registry=r)
+        self.reloads = Counter(f"{p}_reloads", "Hot reloads (POST /admin/reload) by result: ok, "
+                               "or rejected (a broken package; the old one kept serving).",
+                               ["result"], registry=r)
         # Children that exist at zero before the first request.
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
@@ -96,10 +99,16 @@ class Metrics:
             self.flops_executed.labels(mode=mode)
             self.original_flops.labels(mode=mode)
             self.batch_size.labels(mode=mode)
+        for result in ("ok", "rejected"):
+            self.reloads.labels(result=result)
 
     # -- model lifecycle -------------------------------------------------------------------
     def bind_model(self, manifest: Manifest, tau: float) -> None:
-        """Describe the loaded package and create one activation series per head, at 0."""
+        """Describe the served package and create one activation series per head, at 0.
+
+        Called at start-up and on every hot reload; series of heads an earlier package had stay
+        (counters never go back), the info metric names the package served now.
+        """
         self.model_info.info({"name": manifest.name, "version": manifest.version,
                               "num_classes": str(len(manifest.class_names)),
                               "num_heads": str(manifest.num_clusters)})

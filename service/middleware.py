@@ -1,9 +1,10 @@
-"""Two small pure-ASGI middlewares: request metrics, and a readable start-up failure."""
+"""Small pure-ASGI middlewares: request metrics, a true ``Allow`` on 405, a readable start-up failure."""
 
 from __future__ import annotations
 
 import time
 
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
@@ -40,6 +41,43 @@ class MetricsMiddleware:
             endpoint = getattr(route, "path", None) or "unmatched"
             method = scope["method"] if scope["method"] in _METHODS else "other"
             self.metrics.observe_request(endpoint, method, status, time.perf_counter() - t0)
+
+
+def allowed_methods(routes: list[BaseRoute], scope: Scope) -> list[str]:
+    """The methods the documented routes accept on this request's path (all of them)."""
+    methods: set[str] = set()
+    for route in routes:
+        documented = isinstance(route, Route) and route.include_in_schema and route.methods
+        if documented and route.matches(scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
+
+
+class AllowHeaderMiddleware:
+    """Every 405 names in ``Allow`` what the path accepts, over all of its routes (RFC 9110).
+
+    Starlette's own 405 lists only the methods of the first route whose path matched, so a path
+    with a GET and a PUT route (``/admin/tau``) answered ``Allow: GET``; a router's catch-all
+    route (``/v2/...``) may add none. Only documented routes count, so catch-alls do not.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_allow(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 405:
+                methods = allowed_methods(scope["app"].routes, scope)
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
+                headers.append((b"allow", ", ".join(methods).encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_allow)
 
 
 class StartupFailureMiddleware:

@@ -43,11 +43,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+def resize_center_crop(img: Image.Image, size: int, *,
+                       max_resized_pixels: int | None = None) -> Image.Image:
     """Scale the shorter side to `size` (bilinear) and cut the central `size` x `size` square.
 
     Keeps the aspect ratio, so objects are not squashed; an image already `size` square is
     returned unchanged (no resampling blur).
+
+    `max_resized_pixels` (the server sets it; training does not): when the scaled image would
+    be larger than this, e.g. a 10000 x 1 strip scaled up to 640000 x 64, only the square that
+    the crop keeps is resampled (Pillow's `resize(box=...)`, the same sampling positions), so a
+    tiny upload cannot cost gigabytes. Pixels may then differ by 1 from the full resize.
     """
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
@@ -56,7 +62,11 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
         return img
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    if max_resized_pixels is not None and new_w * new_h > max_resized_pixels:
+        sx, sy = w / new_w, h / new_h  # source pixels per scaled pixel
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
     return img.crop((left, top, left + size, top + size))

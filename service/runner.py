@@ -102,7 +102,7 @@ class PackageRunner:
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
-        allow_spinning: bool = True,
+        allow_spinning: bool = False,
         verify: bool = True,
         manifest: Manifest | None = None,
     ) -> None:

@@ -1,25 +1,38 @@
 """The inference service: one loaded package, the current τ, and ``classify`` for the routes.
 
-Routes (``/classify`` now; KServe V2 and a micro-batcher later) call ``InferenceService.classify``
-and never touch the runner or an ONNX Runtime session. Each request:
+Routes call ``InferenceService.classify`` (or ``classify_pixels``) and never touch the runner or an
+ONNX Runtime session. Each request:
 
-1. reads τ once (a τ change applies to requests that start after it),
+1. takes the current (package, τ) once, together (a τ change or a hot reload applies to requests
+   that start after it; a request in flight finishes on the package it started with),
 2. decodes and prepares its images in a worker thread (``service.decode``),
 3. runs its images through the micro-batcher (``service.batcher``: concurrent requests share one
    model run) or, with batching off, through ``PackageRunner`` in a worker thread, limited to
    ``inference_concurrency`` calls at once,
 4. records its metrics and returns a ``ClassifyOutcome`` (domain data, no HTTP).
+
+Hot reload (``reload``): the new package is loaded, validated and warmed up in a worker thread
+beside the old one while requests keep being served, then swapped in with one reference
+assignment under the lock. A package that fails any step is refused and the old one keeps serving.
+The micro-batcher groups requests by (runner, mode), so a batch never mixes two packages.
+
+Lifecycle: ``start`` → serving and ready; ``stop`` → still serving but no longer ready (readiness
+503 while in-flight and late requests finish; the SIGTERM path); ``aclose`` → closed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import io
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import anyio
@@ -30,6 +43,7 @@ from PIL import Image
 from service.batcher import BatchSlice, MicroBatcher
 from service.decode import decode, prepare
 from service.errors import (
+    Conflict,
     InvalidImage,
     InvalidParameter,
     LimitExceeded,
@@ -80,16 +94,33 @@ class ClassifyOutcome:
         return sum(v for k, v in self.stage_seconds.items() if k not in ("decode", "preprocess"))
 
 
+@dataclass(frozen=True)
+class ReloadOutcome:
+    manifest: Manifest  # of the package now served
+    previous: Manifest  # of the package it replaced
+    tau: float  # τ now applied to requests that give none
+    seconds: float  # load + validate + warm-up
+
+
+def _not_serving() -> ModelNotReady:
+    return ModelNotReady("the model is not loaded yet (or shutting down); retry shortly and watch "
+                         "GET /readyz")
+
+
 class InferenceService:
     """Holds the runner and τ; loads in ``start`` (called from the app's lifespan)."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._runner: PackageRunner | None = None
-        self._ready = False
+        # The lock guards the (runner, τ) pair: requests read both at once, reload and
+        # PUT /admin/tau change them at once.
+        self._lock = threading.Lock()
+        self._runner: PackageRunner | None = None  # None before start and after aclose
         self._tau = 0.0
-        self._tau_lock = threading.Lock()
+        self._tau_pinned = settings.tau is not None  # set by an operator: survives a reload
+        self._draining = False
+        self._reload_lock: anyio.Lock | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._batcher: MicroBatcher | None = None
         self._arriving = 0  # requests decoding now (event-loop thread only): the batcher waits for them
@@ -98,10 +129,14 @@ class InferenceService:
     async def start(self) -> None:
         """Load, validate and warm up the package; raise ``StartupError`` saying what is wrong."""
         self._limiter = anyio.CapacityLimiter(self.settings.inference_concurrency)
-        runner = await anyio.to_thread.run_sync(self._load)
+        self._reload_lock = anyio.Lock()
+        try:
+            runner = await anyio.to_thread.run_sync(self._load, self.settings.model_dir)
+        except PackageError as e:
+            raise StartupError(str(e)) from e
         m = runner.manifest
         tau = m.activator.default_tau if self.settings.tau is None else self.settings.tau
-        with self._tau_lock:
+        with self._lock:
             self._runner = runner
             self._tau = tau
             self.metrics.bind_model(m, tau)
@@ -112,15 +147,16 @@ class InferenceService:
                 on_batch=lambda key, n: self.metrics.batch_size.labels(mode=key[1]).observe(n),
                 arriving=lambda: self._arriving)
             self._batcher.start()
-        self._ready = True
+        self._draining = False
         self.metrics.set_ready(True)
         logger.info("ready: %s %s, tau %.3f, providers %s", m.name, m.version, tau, runner.providers)
 
-    def _load(self) -> PackageRunner:
+    def _load(self, package_dir: Path) -> PackageRunner:
+        """Load, validate and warm up one package (worker thread); ``PackageError`` says why not."""
         s = self.settings
         try:
             runner = PackageRunner(
-                s.model_dir,
+                package_dir,
                 providers=s.providers or None,
                 intra_op_threads=s.intra_op_threads,
                 inter_op_threads=s.inter_op_threads,
@@ -130,38 +166,91 @@ class InferenceService:
             t0 = time.perf_counter()
             runner.warmup()
             _warm_up_decoders(runner.manifest.input.size, s.max_image_pixels)
-        except PackageError as e:
-            raise StartupError(str(e)) from e
+        except PackageError:
+            raise
         except Exception as e:  # an ONNX file ORT cannot load, a provider that fails to start, ...
-            logger.debug("loading %s failed", s.model_dir, exc_info=True)
-            raise StartupError(
-                f"could not load model package {s.model_dir}: {type(e).__name__}: {e}"
-            ) from e
+            logger.debug("loading %s failed", package_dir, exc_info=True)
+            raise PackageError(
+                f"could not load model package {package_dir}: {type(e).__name__}: {e}") from e
         logger.info("warm-up done in %.3f s", time.perf_counter() - t0)
         return runner
 
+    async def reload(self, package_dir: Path) -> ReloadOutcome:
+        """Load, validate and warm up ``package_dir`` beside the served package, then swap.
+
+        Requests keep being served by the old package meanwhile; those in flight at the swap
+        finish on it. τ: one set by an operator (``CPCNN_TAU`` or ``PUT /admin/tau``) is kept;
+        otherwise τ follows the package, i.e. becomes the new package's ``default_tau``.
+        ``Conflict``: the package is refused (the old one keeps serving), or another reload runs.
+        """
+        old = self.runner  # ModelNotReady before start / after close
+        assert self._reload_lock is not None
+        if self._reload_lock.locked():
+            raise Conflict("another reload is running; retry when it has finished",
+                           code="reload_in_progress")
+        async with self._reload_lock:
+            t0 = time.perf_counter()
+            try:
+                runner = await anyio.to_thread.run_sync(self._load, package_dir)
+            except PackageError as e:
+                self.metrics.reloads.labels(result="rejected").inc()
+                logger.warning("reload refused, still serving %s %s: %s", old.manifest.name,
+                               old.manifest.version, e)
+                raise Conflict(f"{e}; still serving {old.manifest.name} {old.manifest.version}",
+                               code="package_rejected") from e
+            m = runner.manifest
+            with self._lock:
+                if self._runner is None:  # closed while loading
+                    raise _not_serving()
+                previous, self._runner = self._runner, runner
+                if not self._tau_pinned:
+                    self._tau = m.activator.default_tau
+                tau = self._tau
+                self.metrics.bind_model(m, tau)
+            seconds = time.perf_counter() - t0
+        # Once its last request is done, the old package's sessions are freed; hand that memory
+        # back to the OS, or the allocator's per-thread arenas keep it and each reload adds some.
+        weakref.finalize(previous, release_freed_memory)
+        self.metrics.reloads.labels(result="ok").inc()
+        logger.info("reloaded: now %s %s from %s (was %s %s), tau %.3f, %.2f s", m.name, m.version,
+                    package_dir, previous.manifest.name, previous.manifest.version, tau, seconds)
+        return ReloadOutcome(m, previous.manifest, tau, seconds)
+
     def stop(self) -> None:
-        """Stop answering ready (requests already running finish normally)."""
-        self._ready = False
+        """Stop answering ready; requests in flight, and any still arriving, are served."""
+        self._draining = True
         self.metrics.set_ready(False)
 
     async def aclose(self) -> None:
-        """Finish queued micro-batches and stop the batcher (after ``stop``)."""
+        """Finish queued micro-batches, stop the batcher and release the package (after ``stop``)."""
+        self.stop()
         if self._batcher is not None:
             await self._batcher.stop()
             self._batcher = None
+        with self._lock:
+            self._runner = None
+
+    @property
+    def serving(self) -> bool:
+        """A package is loaded and requests are answered (also while draining)."""
+        return self._runner is not None
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        """Serving and not shutting down: what ``/readyz`` reports."""
+        return self._runner is not None and not self._draining
+
+    def snapshot(self) -> tuple[PackageRunner, float]:
+        """The served runner and the current τ, read together (one request uses one pair)."""
+        with self._lock:
+            if self._runner is None:
+                raise _not_serving()
+            return self._runner, self._tau
 
     @property
     def runner(self) -> PackageRunner:
-        """The loaded runner; ``ModelNotReady`` before start-up finished or after shutdown began."""
-        if not self._ready or self._runner is None:
-            raise ModelNotReady("the model is not loaded yet (or shutting down); retry shortly "
-                                "and watch GET /readyz")
-        return self._runner
+        """The loaded runner; ``ModelNotReady`` before start-up finished or after close."""
+        return self.snapshot()[0]
 
     @property
     def manifest(self) -> Manifest:
@@ -170,16 +259,17 @@ class InferenceService:
     # -- τ ---------------------------------------------------------------------------------
     @property
     def tau(self) -> float:
-        with self._tau_lock:
+        with self._lock:
             return self._tau
 
     def set_tau(self, tau: float) -> float:
         """Set τ for requests that start from now on; return the previous value."""
         check_tau(tau)
-        if not self.ready:
-            raise ModelNotReady("the model is not loaded yet; retry when GET /readyz answers 200")
-        with self._tau_lock:
+        if not self.serving:
+            raise _not_serving()
+        with self._lock:
             previous, self._tau = self._tau, float(tau)
+            self._tau_pinned = True
             self.metrics.tau.set(self._tau)
         logger.info("tau changed from %.4f to %.4f", previous, tau)
         return previous
@@ -189,8 +279,8 @@ class InferenceService:
                        mode: Mode = "conditional") -> ClassifyOutcome:
         """Classify ``images`` at ``tau`` (None: the current τ) in ``mode``."""
         t0 = time.perf_counter()
-        runner = self.runner
-        tau_used = self.tau if tau is None else check_tau(tau)  # read once per request
+        runner, current_tau = self.snapshot()  # read once per request
+        tau_used = current_tau if tau is None else check_tau(tau)
         if mode not in ("conditional", "original"):
             raise InvalidParameter(f"mode must be 'conditional' or 'original', got {mode!r}")
         if not images:
@@ -199,7 +289,8 @@ class InferenceService:
         self._arriving += 1
         try:
             batch, timings = await anyio.to_thread.run_sync(
-                partial(_decode_all, images, size, self.settings.max_image_pixels))
+                partial(_decode_all, images, size, self.settings.max_image_pixels,
+                        self.settings.max_image_side))
         finally:
             self._arriving -= 1
         result = await self.infer(runner, batch, tau_used, mode)
@@ -226,8 +317,8 @@ class InferenceService:
         with the same function as decoded uploads, in a worker thread; decode time is 0.
         """
         t0 = time.perf_counter()
-        runner = self.runner
-        tau_used = self.tau if tau is None else check_tau(tau)  # read once per request
+        runner, current_tau = self.snapshot()  # read once per request
+        tau_used = current_tau if tau is None else check_tau(tau)
         if mode not in ("conditional", "original"):
             raise InvalidParameter(f"mode must be 'conditional' or 'original', got {mode!r}")
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3 or not pixels.size:
@@ -238,6 +329,11 @@ class InferenceService:
             raise LimitExceeded(
                 f"{height}x{width} images are more pixels than the limit of "
                 f"{self.settings.max_image_pixels} (CPCNN_MAX_IMAGE_PIXELS): send smaller images",
+                code="image_too_large")
+        if max(height, width) > self.settings.max_image_side:
+            raise LimitExceeded(
+                f"{height}x{width} images have a side longer than the limit of "
+                f"{self.settings.max_image_side} pixels (CPCNN_MAX_IMAGE_SIDE): send smaller images",
                 code="image_too_large")
         size = runner.manifest.input.size
         if (height, width) == (size, size):
@@ -251,7 +347,11 @@ class InferenceService:
                     seconds.append((0.0, time.perf_counter() - t))
                 return np.stack(arrays), seconds  # (N, size, size, 3)
 
-            batch, timings = await anyio.to_thread.run_sync(prepare_all)
+            self._arriving += 1  # like a decoding upload: the batcher waits for it
+            try:
+                batch, timings = await anyio.to_thread.run_sync(prepare_all)
+            finally:
+                self._arriving -= 1
         result = await self.infer(runner, batch, tau_used, mode)
         outcome = ClassifyOutcome(
             manifest=runner.manifest,
@@ -286,6 +386,12 @@ class InferenceService:
         return runner.run(batch, taus)
 
 
+def release_freed_memory() -> None:
+    """Return memory freed to the C allocator to the OS (glibc's ``malloc_trim``; a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def check_tau(tau: float) -> float:
     tau = float(tau)
     if not 0.0 <= tau <= 1.0:  # also False for NaN
@@ -301,13 +407,13 @@ def _warm_up_decoders(size: int, max_pixels: int) -> None:
         _decode_all([ImageInput(buf.getvalue(), name="warm-up image")], size, max_pixels)
 
 
-def _decode_all(images: Sequence[ImageInput], size: int,
-                max_pixels: int) -> tuple[np.ndarray, list[tuple[float, float]]]:
+def _decode_all(images: Sequence[ImageInput], size: int, max_pixels: int,
+                max_side: int | None = None) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """Decode and prepare every image: (N, size, size, 3) uint8 and (decode, preprocess) seconds."""
     arrays, timings = [], []
     for image in images:
         t0 = time.perf_counter()
-        pil = decode(image.data, max_pixels=max_pixels, name=image.name)
+        pil = decode(image.data, max_pixels=max_pixels, max_side=max_side, name=image.name)
         t1 = time.perf_counter()
         arrays.append(prepare(pil, size))
         timings.append((t1 - t0, time.perf_counter() - t1))

@@ -8,6 +8,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.manifest import ActivatorSpec, Component, InputSpec, Manifest, SweepRow, TrainingInfo
+from service.packages import PACKAGE_NAME
 from service.runtime import ClassifyOutcome, ImageOutcome, Mode
 from service.sweep import Expected
 
@@ -227,7 +228,8 @@ def model_info(manifest: Manifest, current_tau: float, providers: list[str]) -> 
 class TauUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tau: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, examples=[0.7],
+    # strict: a JSON number only (no true/false, no "0.5"), as the schema says
+    tau: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True, examples=[0.7],
                        description="New τ in [0, 1]: 0 runs one head per image, 1 runs all.")
 
 
@@ -254,6 +256,23 @@ class TauState(BaseModel):
 
 class TauChanged(TauState):
     previous: float = Field(description="τ before this change.")
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    package: str = Field(pattern=PACKAGE_NAME, max_length=255, examples=["tiny-imagenet-200-v2"],
+                         description="Name of a package directory inside the models root "
+                         "(CPCNN_MODELS_ROOT); a plain name, not a path.")
+
+
+class Reloaded(BaseModel):
+    model: ModelRef = Field(description="The package served from now on.")
+    previous: ModelRef = Field(description="The package it replaced.")
+    tau: float = Field(description="τ for requests that give none: kept if an operator set it "
+                       "(CPCNN_TAU or PUT /admin/tau), else the new package's default_tau.")
+    default_tau: float = Field(description="The new package's default τ.")
+    seconds: float = Field(description="Time to load, validate and warm up the new package.")
 
 
 def expected_figures(e: Expected | None) -> ExpectedFigures | None:

@@ -22,18 +22,18 @@ HOW_TO_SEND = ("send images as multipart/form-data field 'file' (curl -F file=@i
                "several) or one raw image body with Content-Type: image/jpeg, image/png, ...")
 
 
-def _too_large(limit: int) -> LimitExceeded:
+def body_too_large(limit: int) -> LimitExceeded:
     return LimitExceeded(
         f"request body is larger than the limit of {limit} bytes (CPCNN_MAX_BODY_BYTES): send "
         "fewer or smaller images per request", code="body_too_large")
 
 
-async def _limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
+async def limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _too_large(limit)
+            raise body_too_large(limit)
         yield chunk
 
 
@@ -41,12 +41,12 @@ async def read_images(request: Request, *, max_body_bytes: int, max_files: int) 
     """The request's images, or a ``ServiceError`` saying what is wrong with the body."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_body_bytes:
-        raise _too_large(max_body_bytes)
+        raise body_too_large(max_body_bytes)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == "multipart/form-data":
         return await _read_multipart(request, max_body_bytes, max_files)
     if media.startswith("image/") or media == "application/octet-stream":
-        body = b"".join([chunk async for chunk in _limited_stream(request, max_body_bytes)])
+        body = b"".join([chunk async for chunk in limited_stream(request, max_body_bytes)])
         if not body:
             raise InvalidRequest(f"the request body is empty: {HOW_TO_SEND}", code="empty_body")
         return [ImageInput(body, filename=None, name="the request body")]
@@ -58,7 +58,7 @@ async def read_images(request: Request, *, max_body_bytes: int, max_files: int) 
 
 
 async def _read_multipart(request: Request, limit: int, max_files: int) -> list[ImageInput]:
-    parser = MultiPartParser(request.headers, _limited_stream(request, limit),
+    parser = MultiPartParser(request.headers, limited_stream(request, limit),
                              max_files=max_files, max_fields=16)
     try:
         form = await parser.parse()

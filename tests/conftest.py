@@ -17,6 +17,7 @@ from training.config import load_config  # noqa: E402
 from training.pipeline import Run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_PACKAGE = ROOT / "models" / "synthetic"  # committed: tests that need no training use it
 
 # The shipped synthetic config, trimmed so the whole pipeline runs in well under a minute.
 TEST_OVERRIDES = [

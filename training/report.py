@@ -32,9 +32,14 @@ def plot_tau_sweep(rows: Sequence[SweepRow], original_top1: float, original_flop
     x = [r.mean_flops / 1e6 for r in rows]
     y = [100 * r.top1 for r in rows]
     ax.plot(x, y, "o-", color="tab:blue", label="CP-CNN (τ sweep)")
+    # One label per distinct point: several τ often give the same routing (e.g. τ=0…0.8).
+    labels: dict[tuple[float, float], list[float]] = {}
     for r, xi, yi in zip(rows, x, y, strict=True):
-        ax.annotate(f"τ={r.tau:g}", (xi, yi), textcoords="offset points", xytext=(4, -10),
-                    fontsize=8)
+        labels.setdefault((round(xi, 6), round(yi, 6)), []).append(r.tau)
+    for k, ((xi, yi), taus) in enumerate(labels.items()):
+        text = f"τ={taus[0]:g}" if len(taus) == 1 else f"τ={taus[0]:g}…{taus[-1]:g}"
+        ax.annotate(text, (xi, yi), textcoords="offset points", fontsize=8,
+                    xytext=(4, 6 if k % 2 else -12))
     ax.plot([original_flops / 1e6], [100 * original_top1], "s", color="tab:red",
             label="original model")
     ax.axhline(100 * original_top1, color="tab:red", lw=0.8, ls="--")
@@ -42,7 +47,7 @@ def plot_tau_sweep(rows: Sequence[SweepRow], original_top1: float, original_flop
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title or "accuracy against compute")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,47 +1,89 @@
 """Admin endpoints, all behind one bearer-token dependency (``service.deps.require_admin``).
 
-The PUT body is parsed inside the handler, after the token check, so a client without the token
-learns nothing from the body's validation (FastAPI would parse a JSON body before dependencies).
+Bodies are parsed inside the handlers, after the token check, so a client without the token
+learns nothing from a body's validation (FastAPI would parse a JSON body before dependencies).
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
-from pydantic import ValidationError
+from typing import TypeVar
 
-from service.deps import ReadyServiceDep, require_admin
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ValidationError
+
+from service.deps import ReadyServiceDep, SettingsDep, require_admin
 from service.errors import InvalidParameter, describe_validation_errors
-from service.schemas import TauChanged, TauState, TauUpdate, error_responses, expected_figures
+from service.packages import resolve_package_dir
+from service.schemas import (
+    ModelRef,
+    Reloaded,
+    ReloadRequest,
+    TauChanged,
+    TauState,
+    TauUpdate,
+    error_responses,
+    expected_figures,
+)
 from service.sweep import expected_at
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
                    responses=error_responses(401, 404, 503))
 
-_TAU_BODY_DOC = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": TauUpdate.model_json_schema(), "example": {"tau": 0.7}}}}}
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def _json_body_doc(model: type[BaseModel], example: dict) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema(), "example": example}}}}
+
+
+async def _parse(request: Request, model: type[Body], example: str) -> Body:
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise InvalidParameter(
+            f"{describe_validation_errors(e.errors(), where='body')}; send JSON like "
+            f"{example}") from e
 
 
 @router.get("/tau", response_model=TauState, summary="Current τ and what the sweep predicts for it")
 async def get_tau(service: ReadyServiceDep) -> TauState:
-    m = service.manifest
-    tau = service.tau
+    runner, tau = service.snapshot()
+    m = runner.manifest
     return TauState(tau=tau, default_tau=m.activator.default_tau,
                     expected=expected_figures(expected_at(m, tau)))
 
 
 @router.put("/tau", response_model=TauChanged, responses=error_responses(422),
-            openapi_extra=_TAU_BODY_DOC, summary="Set τ for requests that start from now on",
+            openapi_extra=_json_body_doc(TauUpdate, {"tau": 0.7}),
+            summary="Set τ for requests that start from now on",
             description="Body `{\"tau\": 0.7}`, τ in [0, 1]. Answers with the accuracy and FLOP "
             "saving the offline τ sweep predicts (linear interpolation between the neighbouring "
             "swept τs).")
 async def put_tau(request: Request, service: ReadyServiceDep) -> TauChanged:
-    try:
-        update = TauUpdate.model_validate_json(await request.body())
-    except ValidationError as e:
-        raise InvalidParameter(
-            f"{describe_validation_errors(e.errors(), where='body')}; send JSON like "
-            '{"tau": 0.7} with tau in [0, 1]') from e
+    update = await _parse(request, TauUpdate, '{"tau": 0.7} with tau in [0, 1]')
     m = service.manifest
     previous = service.set_tau(update.tau)
     return TauChanged(tau=update.tau, previous=previous, default_tau=m.activator.default_tau,
                       expected=expected_figures(expected_at(m, update.tau)))
+
+
+@router.post("/reload", response_model=Reloaded, responses=error_responses(403, 409, 422),
+             openapi_extra=_json_body_doc(ReloadRequest, {"package": "synthetic-v2"}),
+             summary="Hot-reload another model package from the models root",
+             description="Body `{\"package\": \"<directory name in CPCNN_MODELS_ROOT>\"}`. The "
+             "package is loaded, validated (schema, files, sha256) and warmed up while the current "
+             "one keeps serving, then swapped in at once; requests in flight finish on the package "
+             "they started with. A broken package answers 409 `package_rejected` and the current "
+             "one keeps serving; 409 `reload_in_progress` while another reload runs. A name that "
+             "is not a plain directory name: 422; no such directory: 404 `package_not_found`; "
+             "a symlink out of the models root: 403 `outside_models_root`.")
+async def reload_package(request: Request, service: ReadyServiceDep,
+                         settings: SettingsDep) -> Reloaded:
+    body = await _parse(request, ReloadRequest, '{"package": "<directory in the models root>"}')
+    assert settings.models_root is not None  # filled in by Settings
+    outcome = await service.reload(resolve_package_dir(settings.models_root, body.package))
+    m, old = outcome.manifest, outcome.previous
+    return Reloaded(model=ModelRef(name=m.name, version=m.version),
+                    previous=ModelRef(name=old.name, version=old.version), tau=outcome.tau,
+                    default_tau=m.activator.default_tau, seconds=outcome.seconds)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 from service.deps import ReadyServiceDep, SettingsDep
 from service.runtime import Mode
 from service.schemas import ClassifyResponse, Latency, classify_response, error_responses
+from service.settings import Settings
 from service.upload import read_images
 
 router = APIRouter(tags=["classify"])
@@ -17,16 +18,28 @@ router = APIRouter(tags=["classify"])
 _BODY_DOC = {
     "requestBody": {
         "required": True,
-        "description": "Images as repeatable multipart field `file`, or one raw image body.",
+        "description": "Images as repeatable multipart field `file`, or one raw image body. Each "
+        "must be a JPEG, PNG, GIF, BMP, WebP, TIFF or PPM image within CPCNN_MAX_IMAGE_PIXELS and "
+        "CPCNN_MAX_IMAGE_SIDE; the body within CPCNN_MAX_BODY_BYTES.",
         "content": {
             "multipart/form-data": {"schema": {
-                "type": "object", "required": ["file"],
-                "properties": {"file": {"type": "array",
+                "type": "object", "required": ["file"], "additionalProperties": False,
+                "properties": {"file": {"type": "array", "minItems": 1,
                                         "items": {"type": "string", "format": "binary"}}}}},
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
     }
 }
+
+
+def document_limits(openapi: dict, settings: Settings) -> None:
+    """Write this server's configured limits into its OpenAPI schema (``maxItems`` of ``file``)."""
+    body = openapi["paths"]["/classify"]["post"]["requestBody"]
+    body["content"]["multipart/form-data"]["schema"]["properties"]["file"]["maxItems"] = (
+        settings.max_files)
+    body["description"] += (f" This server: at most {settings.max_files} files, "
+                            f"{settings.max_body_bytes} bytes, {settings.max_image_pixels} pixels "
+                            f"and {settings.max_image_side} pixels a side per image.")
 
 
 def server_timing(latency: Latency) -> str:

@@ -13,4 +13,5 @@ router = APIRouter(tags=["model"])
 @router.get("/v1/model", response_model=ModelInfo, responses=error_responses(503),
             summary="The served model package")
 async def get_model(service: ReadyServiceDep) -> ModelInfo:
-    return model_info(service.manifest, service.tau, service.runner.providers)
+    runner, tau = service.snapshot()  # one package and its τ, even across a reload
+    return model_info(runner.manifest, tau, runner.providers)
