@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -277,54 +277,25 @@ class InferenceService:
     # -- inference -------------------------------------------------------------------------
     async def classify(self, images: Sequence[ImageInput], *, tau: float | None = None,
                        mode: Mode = "conditional") -> ClassifyOutcome:
-        """Classify ``images`` at ``tau`` (None: the current τ) in ``mode``."""
-        t0 = time.perf_counter()
-        runner, current_tau = self.snapshot()  # read once per request
-        tau_used = current_tau if tau is None else check_tau(tau)
-        if mode not in ("conditional", "original"):
-            raise InvalidParameter(f"mode must be 'conditional' or 'original', got {mode!r}")
+        """Classify encoded ``images`` at ``tau`` (None: the current τ) in ``mode``."""
         if not images:
             raise InvalidParameter("no images to classify")
-        size = runner.manifest.input.size
-        self._arriving += 1
-        try:
-            batch, timings = await anyio.to_thread.run_sync(
-                partial(_decode_all, images, size, self.settings.max_image_pixels,
-                        self.settings.max_image_side))
-        finally:
-            self._arriving -= 1
-        result = await self.infer(runner, batch, tau_used, mode)
-        stage_seconds = {"decode": sum(t[0] for t in timings),
-                         "preprocess": sum(t[1] for t in timings), **result.timings}
-        outcome = ClassifyOutcome(
-            manifest=runner.manifest,
-            mode=mode,
-            tau=tau_used if mode == "conditional" else None,
-            images=[ImageOutcome(img.filename, pred, dec, pre)
-                    for img, pred, (dec, pre) in zip(images, result.predictions, timings,
-                                                     strict=True)],
-            stage_seconds=stage_seconds,
-            total_seconds=time.perf_counter() - t0,
-        )
-        self.metrics.observe_classification(outcome)
-        return outcome
+        s = self.settings
+        return await self._classify(
+            partial(_decode_all, images, max_pixels=s.max_image_pixels, max_side=s.max_image_side),
+            [img.filename for img in images], tau, mode)
 
     async def classify_pixels(self, pixels: np.ndarray, *, tau: float | None = None,
                               mode: Mode = "conditional") -> ClassifyOutcome:
         """Classify decoded (N, H, W, 3) uint8 RGB ``pixels`` at ``tau`` in ``mode``.
 
         Images of another size than the model's are prepared (shorter side resized, centre crop)
-        with the same function as decoded uploads, in a worker thread; decode time is 0.
+        with the same function as decoded uploads; decode time is 0.
         """
-        t0 = time.perf_counter()
-        runner, current_tau = self.snapshot()  # read once per request
-        tau_used = current_tau if tau is None else check_tau(tau)
-        if mode not in ("conditional", "original"):
-            raise InvalidParameter(f"mode must be 'conditional' or 'original', got {mode!r}")
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3 or not pixels.size:
             raise InvalidImage(f"pixels must be a non-empty (N, H, W, 3) uint8 RGB array, got "
                                f"shape {list(pixels.shape)} of {pixels.dtype}")
-        n, height, width, _ = pixels.shape
+        _, height, width, _ = pixels.shape
         if height * width > self.settings.max_image_pixels:
             raise LimitExceeded(
                 f"{height}x{width} images are more pixels than the limit of "
@@ -335,32 +306,37 @@ class InferenceService:
                 f"{height}x{width} images have a side longer than the limit of "
                 f"{self.settings.max_image_side} pixels (CPCNN_MAX_IMAGE_SIDE): send smaller images",
                 code="image_too_large")
-        size = runner.manifest.input.size
-        if (height, width) == (size, size):
-            batch, timings = np.ascontiguousarray(pixels), [(0.0, 0.0)] * n
-        else:
-            def prepare_all() -> tuple[np.ndarray, list[tuple[float, float]]]:
-                arrays, seconds = [], []
-                for image in pixels:  # (H, W, 3)
-                    t = time.perf_counter()
-                    arrays.append(prepare(Image.fromarray(image), size))
-                    seconds.append((0.0, time.perf_counter() - t))
-                return np.stack(arrays), seconds  # (N, size, size, 3)
+        return await self._classify(partial(_prepare_pixels, pixels), [None] * len(pixels), tau,
+                                    mode)
 
-            self._arriving += 1  # like a decoding upload: the batcher waits for it
-            try:
-                batch, timings = await anyio.to_thread.run_sync(prepare_all)
-            finally:
-                self._arriving -= 1
+    async def _classify(self, prepare: Callable[[int], tuple[np.ndarray, list[tuple[float, float]]]],
+                        filenames: list[str | None], tau: float | None,
+                        mode: Mode) -> ClassifyOutcome:
+        """The one request path: snapshot (package, τ) → prepare in a thread → infer → outcome.
+
+        ``prepare(size)`` returns the (N, size, size, 3) uint8 batch and per-image
+        (decode, preprocess) seconds.
+        """
+        t0 = time.perf_counter()
+        runner, current_tau = self.snapshot()  # read once per request
+        tau_used = current_tau if tau is None else check_tau(tau)
+        if mode not in ("conditional", "original"):
+            raise InvalidParameter(f"mode must be 'conditional' or 'original', got {mode!r}")
+        self._arriving += 1  # the micro-batcher waits for requests still being prepared
+        try:
+            batch, timings = await anyio.to_thread.run_sync(prepare, runner.manifest.input.size)
+        finally:
+            self._arriving -= 1
         result = await self.infer(runner, batch, tau_used, mode)
         outcome = ClassifyOutcome(
             manifest=runner.manifest,
             mode=mode,
             tau=tau_used if mode == "conditional" else None,
-            images=[ImageOutcome(None, pred, 0.0, pre)
-                    for pred, (_, pre) in zip(result.predictions, timings, strict=True)],
-            stage_seconds={"decode": 0.0, "preprocess": sum(t[1] for t in timings),
-                           **result.timings},
+            images=[ImageOutcome(name, pred, dec, pre)
+                    for name, pred, (dec, pre) in zip(filenames, result.predictions, timings,
+                                                      strict=True)],
+            stage_seconds={"decode": sum(t[0] for t in timings),
+                           "preprocess": sum(t[1] for t in timings), **result.timings},
             total_seconds=time.perf_counter() - t0,
         )
         self.metrics.observe_classification(outcome)
@@ -418,3 +394,15 @@ def _decode_all(images: Sequence[ImageInput], size: int, max_pixels: int,
         arrays.append(prepare(pil, size))
         timings.append((t1 - t0, time.perf_counter() - t1))
     return np.stack(arrays), timings
+
+
+def _prepare_pixels(pixels: np.ndarray, size: int) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Decoded (N, H, W, 3) uint8 → (N, size, size, 3), resized like uploads when H, W differ."""
+    if pixels.shape[1:3] == (size, size):
+        return np.ascontiguousarray(pixels), [(0.0, 0.0)] * len(pixels)
+    arrays, timings = [], []
+    for image in pixels:  # (H, W, 3)
+        t0 = time.perf_counter()
+        arrays.append(prepare(Image.fromarray(image), size))
+        timings.append((0.0, time.perf_counter() - t0))
+    return np.stack(arrays), timings  # (N, size, size, 3)
