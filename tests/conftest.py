@@ -41,3 +41,48 @@ def synthetic_run(tmp_path_factory) -> Run:
 @pytest.fixture(scope="session")
 def synthetic_package(synthetic_run: Run) -> Path:
     return synthetic_run.package_dir()
+
+
+# -- the service on the synthetic package: shared by the service test modules ------------------
+TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def make_app(package, **overrides):
+    """A new app on ``package`` with its own metrics registry and the test admin token."""
+    from prometheus_client import CollectorRegistry
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    registry = CollectorRegistry()
+    settings = Settings(model_dir=package, admin_token=TOKEN, **overrides)
+    return create_app(settings, registry=registry), registry
+
+
+@pytest.fixture(scope="module")
+def manifest(synthetic_package):
+    from service.manifest import load_manifest
+
+    return load_manifest(synthetic_package)
+
+
+@pytest.fixture(scope="module")
+def served(synthetic_package):
+    """One started app for a module's read-mostly tests: (client, registry)."""
+    from fastapi.testclient import TestClient
+
+    app, registry = make_app(synthetic_package)
+    with TestClient(app) as client:
+        yield client, registry
+
+
+@pytest.fixture
+def fresh(synthetic_package):
+    """A new started app (own registry) for tests that read metrics exactly or change τ."""
+    from fastapi.testclient import TestClient
+
+    app, registry = make_app(synthetic_package)
+    with TestClient(app) as client:
+        yield client, registry
+

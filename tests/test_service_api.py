@@ -17,44 +17,14 @@ from prometheus_client import CollectorRegistry
 
 from service.app import create_app
 from service.errors import StartupError
-from service.manifest import load_manifest
 from service.settings import Settings
-
-TOKEN = "test-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+from tests.conftest import AUTH, TOKEN, make_app
 
 
 def png(color=(200, 30, 30), size=(40, 40), mode="RGB") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, color).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def make_app(package, **overrides):
-    registry = CollectorRegistry()
-    settings = Settings(model_dir=package, admin_token=TOKEN, **overrides)
-    return create_app(settings, registry=registry), registry
-
-
-@pytest.fixture(scope="module")
-def manifest(synthetic_package):
-    return load_manifest(synthetic_package)
-
-
-@pytest.fixture(scope="module")
-def served(synthetic_package):
-    """One started app for the read-mostly tests of this module: (client, registry)."""
-    app, registry = make_app(synthetic_package)
-    with TestClient(app) as client:
-        yield client, registry
-
-
-@pytest.fixture
-def fresh(synthetic_package):
-    """A new started app (own registry) for tests that read metrics exactly or change τ."""
-    app, registry = make_app(synthetic_package)
-    with TestClient(app) as client:
-        yield client, registry
 
 
 def files(*blobs, names=None):

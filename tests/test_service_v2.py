@@ -15,8 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.manifest import load_manifest
-from tests.test_service_api import make_app
+from tests.conftest import make_app
 from tests.test_service_server import free_port, start_server, stop
 
 INFER = "/v2/models/{name}/infer"
@@ -55,25 +54,6 @@ def bytes_request(*blobs: bytes, parameters=None, outputs=None, **extra) -> dict
 def outputs_of(body: dict) -> dict[str, np.ndarray]:
     """JSON outputs as arrays of their declared shape."""
     return {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in body["outputs"]}
-
-
-@pytest.fixture(scope="module")
-def manifest(synthetic_package):
-    return load_manifest(synthetic_package)
-
-
-@pytest.fixture(scope="module")
-def served(synthetic_package):
-    app, registry = make_app(synthetic_package)
-    with TestClient(app) as client:
-        yield client, registry
-
-
-@pytest.fixture
-def fresh(synthetic_package):
-    app, registry = make_app(synthetic_package)
-    with TestClient(app) as client:
-        yield client, registry
 
 
 def infer_url(manifest) -> str:
