@@ -77,9 +77,11 @@ class Run:
         saved = self.dir / "config.json"
         if saved.exists():
             previous = json.loads(saved.read_text())
-            # Fields that change what was trained must not differ on resume; paths may.
-            if {k: v for k, v in previous.items() if k != "package"} != {
-                    k: v for k, v in config_to_dict(cfg).items() if k != "package"}:
+            # Fields that change what was trained must not differ on resume; threads and the
+            # package (export) settings may.
+            free = ("package", "threads")
+            if {k: v for k, v in previous.items() if k not in free} != {
+                    k: v for k, v in config_to_dict(cfg).items() if k not in free}:
                 logger.warning("config differs from %s; stages already done keep their artifacts "
                                "(use a new run_dir or --force to redo them)", saved)
         self.cfg = cfg
