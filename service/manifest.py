@@ -191,10 +191,6 @@ class Manifest(_Strict):
         """FLOPs every image pays in conditional mode: trunk + clustifier."""
         return self.trunk.flops + self.clustifier.flops
 
-    def sweep_row(self, tau: float) -> SweepRow | None:
-        """The sweep row for the largest swept τ not above ``tau`` (what the sweep predicts)."""
-        rows = [r for r in self.tau_sweep if r.tau <= tau + 1e-12]
-        return max(rows, key=lambda r: r.tau) if rows else None
 
 
 def sha256_file(path: Path) -> str:

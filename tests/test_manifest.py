@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from service.manifest import MANIFEST_FILE, Manifest, PackageError, load_manifest
+from service.sweep import expected_at
 
 
 def _edit(package, tmp_path, change):
@@ -20,8 +21,8 @@ def _edit(package, tmp_path, change):
 def test_valid_package_loads(synthetic_package):
     m = load_manifest(synthetic_package)
     assert isinstance(m, Manifest)
-    assert m.sweep_row(0.75).tau == 0.7
-    assert m.sweep_row(1.0).tau == 1.0
+    assert expected_at(m, 0.75).sweep_taus == (0.7, 0.8)  # between rows: the two neighbours
+    assert expected_at(m, 1.0).sweep_taus == (1.0,)
 
 
 @pytest.mark.parametrize("change, message", [
