@@ -65,6 +65,7 @@ def _warn_unknown_env() -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         settings = resolve_settings(app)
+        app.state.settings = settings
         configure_logging(settings.log_level)
         _warn_unknown_env()
         # Pillow's process-wide bomb guard must not fire below our own, per-app limit.
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None, *,
     metrics = Metrics(registry)
     app.state.metrics = metrics
     app.state.service = None
+    app.state.settings = None  # set by the lifespan
     app.state.startup_error = None
     if settings is not None:
         app.dependency_overrides[get_settings] = lambda: settings

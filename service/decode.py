@@ -8,8 +8,10 @@ of an animation, EXIF orientation applied, pixel limit enforced) and ``prepare``
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -23,18 +25,19 @@ logger = logging.getLogger(__name__)
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 
 
-def decode(data: bytes, *, max_pixels: int, max_side: int | None = None,
-           name: str = "image") -> Image.Image:
-    """Decode ``data`` fully (frame 0 of an animation), or raise ``InvalidImage``/``LimitExceeded``.
+def open_image(data: bytes, *, max_pixels: int, max_side: int | None = None,
+               name: str = "image") -> Image.Image:
+    """Parse ``data``'s header and enforce the limits; no pixel is decompressed yet.
 
-    The pixel and side-length limits are checked on the header's size, before any pixel is
-    decompressed. Pillow's own process-wide guard (``Image.MAX_IMAGE_PIXELS``, raised by the app
-    to at least ``max_pixels``) stays in place behind them and refuses a header claiming more than
-    twice its value inside ``Image.open`` already; that is answered with the same limit.
+    The pixel and side-length limits are checked on the header's size. Pillow's own process-wide
+    guard (``Image.MAX_IMAGE_PIXELS``, raised by the app to at least ``max_pixels``) stays in place
+    behind them and refuses a header claiming more than twice its value inside ``Image.open``
+    already; that is answered with the same limit. Cheap (~25 µs), so the request path calls it on
+    the event loop and decides from the size whether the decoding itself goes to a worker thread.
     """
     if not data:
         raise InvalidImage(f"{name} is empty: send the bytes of a JPEG, PNG, ... image")
-    try:
+    with _decoder_errors(name, max_pixels):
         img = Image.open(io.BytesIO(data), formats=FORMATS)
         width, height = img.size
         if width * height > max_pixels:
@@ -46,8 +49,33 @@ def decode(data: bytes, *, max_pixels: int, max_side: int | None = None,
             raise LimitExceeded(
                 f"{name} is {width}x{height}; its longer side is more than the limit of {max_side} "
                 "pixels (CPCNN_MAX_IMAGE_SIDE): send a smaller image", code="image_too_large")
+    return img
+
+
+def load_image(img: Image.Image, *, max_pixels: int, name: str = "image") -> Image.Image:
+    """Decompress an ``open_image`` result (frame 0 of an animation), EXIF orientation applied."""
+    with _decoder_errors(name, max_pixels):
         img.seek(0)  # animated GIF/PNG/WebP/TIFF: the first frame
         img.load()
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a malformed EXIF block: keep the pixels as stored
+        logger.debug("ignoring unreadable EXIF orientation of %s", name, exc_info=True)
+        return img
+
+
+def decode(data: bytes, *, max_pixels: int, max_side: int | None = None,
+           name: str = "image") -> Image.Image:
+    """Decode ``data`` fully, or raise ``InvalidImage``/``LimitExceeded`` saying what is wrong."""
+    return load_image(open_image(data, max_pixels=max_pixels, max_side=max_side, name=name),
+                      max_pixels=max_pixels, name=name)
+
+
+@contextlib.contextmanager
+def _decoder_errors(name: str, max_pixels: int) -> Iterator[None]:
+    """Any failure of the decoder on untrusted bytes → the input's fault, said plainly."""
+    try:
+        yield
     except Image.DecompressionBombError as e:
         logger.debug("Pillow refused %s: %s", name, e)
         raise LimitExceeded(
@@ -62,11 +90,6 @@ def decode(data: bytes, *, max_pixels: int, max_side: int | None = None,
     except Exception as e:  # untrusted bytes: any decoder failure is the input's fault
         logger.debug("decoding %s failed", name, exc_info=True)
         raise InvalidImage(f"{name} is truncated or corrupt and could not be decoded ({e})") from e
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:  # a malformed EXIF block: keep the pixels as stored
-        logger.debug("ignoring unreadable EXIF orientation of %s", name, exc_info=True)
-        return img
 
 
 # A strip more elongated than this (e.g. 10000 x 1) is not scaled whole before the crop: only the

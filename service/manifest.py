@@ -83,6 +83,8 @@ class ActivatorSpec(_Strict):
     ranking: Literal["confusion", "probability"] = "confusion"
     weighting: Literal["confusion", "probability"] = "confusion"
     smoothing: float = Field(default=1.0, ge=0.0)
+    default_tau_reason: str = Field(default="", description="Why default_tau was chosen (from "
+                                    "the τ sweep), for the model card and GET /v1/model.")
 
 
 class Accuracy(_Strict):

@@ -47,7 +47,9 @@ class PackageConfig:
     name: str = "cpcnn"  # package name in the manifest and the API
     version: str = "0.1.0"  # package version
     out_dir: str = ""  # where to write the package ("" = <run_dir>/package)
-    default_tau: float = 0.7  # the paper's choice for CIFAR-100; chosen from the sweep per model
+    default_tau: float = 0.7  # the paper's choice for CIFAR-100; used unless choose_tau
+    choose_tau: bool = False  # pick default_tau from the sweep (training.evaluate.choose_default_tau)
+    max_top1_loss: float = 0.01  # ... as the biggest FLOP saving within this top-1 loss
     ranking: str = "confusion"  # activator cluster ranking: confusion (paper) | probability
     weighting: str = "confusion"  # activator weights: confusion (paper, Eq. 3) | probability
     smoothing: float = 1.0  # Laplace smoothing of the clustifier confusion counts

@@ -50,9 +50,39 @@ def evaluate_tau(runner: PackageRunner, images: np.ndarray, labels: np.ndarray, 
     )
 
 
+def choose_default_tau(rows: Sequence[SweepRow], original_top1: float,
+                       max_top1_loss: float) -> tuple[float, str]:
+    """The τ to serve by default, and why: the largest FLOP saving whose top-1 is at most
+    ``max_top1_loss`` below the original model's; when no τ is that close, the most accurate τ."""
+    if not rows:
+        raise ValueError("no sweep rows to choose a default τ from")
+    floor = original_top1 - max_top1_loss
+    ok = [r for r in rows if r.top1 >= floor - 1e-12]
+    loss = f"{100 * max_top1_loss:g} point{'s' if max_top1_loss != 0.01 else ''}"
+    if ok:
+        best = max(ok, key=lambda r: (round(r.flop_saving, 9), -r.tau))
+        return best.tau, (
+            f"τ = {best.tau:g}: of the swept τ values whose top-1 stays within {loss} of the "
+            f"original model's ({100 * original_top1:.2f}%), it saves the most FLOPs: top-1 "
+            f"{100 * best.top1:.2f}% ({100 * best.top1_gain:+.2f} points), FLOP saving "
+            f"{100 * best.flop_saving:.1f}%, {best.mean_heads:.2f} heads per image on average. "
+            "Lower τ values save more but lose more accuracy; higher ones cost more for little or "
+            "no gain (see the sweep table).")
+    best = max(rows, key=lambda r: (round(r.top1, 9), round(r.flop_saving, 9)))
+    return best.tau, (
+        f"τ = {best.tau:g}: no swept τ keeps top-1 within {loss} of the original model's "
+        f"({100 * original_top1:.2f}%); this is the most accurate one: top-1 {100 * best.top1:.2f}% "
+        f"({100 * best.top1_gain:+.2f} points) at a FLOP saving of {100 * best.flop_saving:.1f}%.")
+
+
 def sweep_package(package_dir: str | Path, images: np.ndarray, labels: np.ndarray,
-                  taus: Sequence[float], batch_size: int = 256) -> list[SweepRow]:
-    """Sweep τ over (N, H, W, 3) uint8 validation images; store the table and plot in the package."""
+                  taus: Sequence[float], batch_size: int = 256, *,
+                  max_top1_loss: float | None = None) -> list[SweepRow]:
+    """Sweep τ over (N, H, W, 3) uint8 validation images; store the table and plot in the package.
+
+    With ``max_top1_loss`` the package's default τ is chosen from the sweep
+    (``choose_default_tau``) and the reason is stored in its manifest.
+    """
     package_dir = Path(package_dir)
     runner = PackageRunner(package_dir)
     m = runner.manifest
@@ -71,7 +101,49 @@ def sweep_package(package_dir: str | Path, images: np.ndarray, labels: np.ndarra
                    title=f"{m.name} {m.version}: τ sweep on {len(labels)} validation images")
     training = m.training.model_copy(update={"original_accuracy": original})
     extra = dict(m.extra_files, **{SWEEP_PLOT: sha256_file(package_dir / SWEEP_PLOT)})
+    activator = m.activator
+    if max_top1_loss is not None:
+        tau, reason = choose_default_tau(rows, original.top1, max_top1_loss)
+        activator = activator.model_copy(update={"default_tau": tau, "default_tau_reason": reason})
+        logger.info("default %s", reason)
     write_manifest(m.model_copy(update={"tau_sweep": rows, "training": training,
-                                        "extra_files": extra}), package_dir)
+                                        "extra_files": extra, "activator": activator}), package_dir)
     load_manifest(package_dir)  # the updated package still validates
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Sweep a package with other activator options, without changing it (prints Table 2)."""
+    import argparse
+    import sys
+
+    from export.card import sweep_table
+    from training.pipeline import Run
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training.evaluate",
+        description="τ sweep of a package on its run's validation split with the activator options "
+        "given (default: the package's own); prints the table, changes nothing.")
+    parser.add_argument("package_dir", type=Path)
+    parser.add_argument("--run", required=True, help="the run directory the package came from")
+    parser.add_argument("--ranking", choices=("confusion", "probability"))
+    parser.add_argument("--weighting", choices=("confusion", "probability"))
+    parser.add_argument("--taus", default="0,0.5,0.7,0.8,0.9,0.95,1")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    m = load_manifest(args.package_dir)
+    options = {k: v for k, v in (("ranking", args.ranking), ("weighting", args.weighting)) if v}
+    manifest = m.model_copy(update={"activator": m.activator.model_copy(update=options)})
+    runner = PackageRunner(args.package_dir, manifest=manifest)
+    images, labels = Run.open(args.run).part("val")
+    original_top1 = m.training.original_accuracy.top1
+    rows = [evaluate_tau(runner, images, labels, float(t), original_top1)
+            for t in args.taus.split(",")]
+    sys.stdout.write(f"ranking {manifest.activator.ranking}, weighting "
+                     f"{manifest.activator.weighting}; original top-1 {100 * original_top1:.2f}%\n\n"
+                     + "\n".join(sweep_table(rows, m.num_clusters, m.activator.default_tau)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

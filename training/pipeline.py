@@ -407,5 +407,9 @@ class Run:
         """9. τ sweep over the exported package, through the serving runner and activator."""
         from training.evaluate import sweep_package
         images, labels = self.part("val")
-        rows = sweep_package(self.package_dir(), images, labels, self.cfg.package.sweep_taus)
+        pc = self.cfg.package
+        rows = sweep_package(self.package_dir(), images, labels, pc.sweep_taus,
+                             max_top1_loss=pc.max_top1_loss if pc.choose_tau else None)
         _write_json(self.dir / "sweep.json", [r.model_dump() for r in rows])
+        from export.card import write_card
+        write_card(self.package_dir(), self.dir)

@@ -1,0 +1,192 @@
+"""The model card: ``README.md`` beside a package's manifest, written from the run that made it.
+
+Everything in it is read from the manifest (components, clusters, τ sweep, accuracies, the exact
+config) and the run directory (head candidates, clustering eigenvalues), so the card cannot drift
+from the package it describes. The τ-sweep table has the columns of paper 002's Table 2 (images
+per number of heads run, accuracy gain, compute saving) plus top-1/top-5 and mean FLOPs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.manifest import Manifest, SweepRow, load_manifest, sha256_file, write_manifest
+
+CARD = "README.md"
+CLUSTER_PLOT = "cluster_sizes.png"
+
+
+def pct(x: float, digits: int = 1) -> str:
+    return f"{100 * x:.{digits}f}%"
+
+
+def short_name(name: str) -> str:
+    """'goldfish, Carassius auratus' → 'goldfish' (WordNet synonyms after the first are noise here)."""
+    return name.split(",")[0].strip()
+
+
+HEAD_COLUMNS = 6  # the paper's Table 2 shows #1..#6; more heads are summed in one column
+
+
+def sweep_table(rows: Sequence[SweepRow], num_heads: int, default_tau: float) -> list[str]:
+    """Paper 002 Table 2 columns: τ, #1..#K (images that ran n heads), Acc. Gain, CC. Save."""
+    shown = min(num_heads, HEAD_COLUMNS)
+    head = ["τ", *[f"#{n}" for n in range(1, shown + 1)]]
+    if num_heads > shown:
+        head.append(f"#{shown + 1}–{num_heads}")
+    head += ["top-1", "Acc. Gain", "top-5", "mean MFLOPs", "CC. Save", "mean heads",
+             "true cluster run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        hist = list(r.heads_histogram) + [0] * num_heads
+        cells = [f"**{r.tau:g}** (default)" if r.tau == default_tau else f"{r.tau:g}",
+                 *[str(hist[n]) for n in range(shown)]]
+        if num_heads > shown:
+            cells.append(str(sum(hist[shown:num_heads])))
+        cells += [pct(r.top1, 2), f"{100 * r.top1_gain:+.2f} pt", pct(r.top5, 2),
+                  f"{r.mean_flops / 1e6:.1f}", pct(r.flop_saving), f"{r.mean_heads:.2f}",
+                  pct(r.cluster_accuracy)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _settings(cfg: dict) -> list[str]:
+    o, model, data = cfg["original"], cfg["model"], cfg["data"]
+    ho, co, cl = cfg["head_optim"], cfg["clustifier_optim"], cfg["clustering"]
+    family = ", ".join(f"`{h['name']}` (replace {list(h['replace']) or 'nothing'}, mid ×{h['mid_ratio']})"
+                       for h in cfg["head_family"])
+    prog = o.get("progressive") or []
+    schedule = (f"{len(prog)} epochs progressive ({', '.join(f'{s}' for s in sorted(set(prog)))} px), "
+                f"then {data['image_size']} px" if prog else f"{data['image_size']} px throughout")
+    return [
+        f"- Original model: ResNet, blocks per stage {model['layers']}, width {model['width']} "
+        f"(stage channels ×1, ×2, ×4, ×8), stem stride {model['stem_stride']}, input "
+        f"{data['image_size']}×{data['image_size']} RGB.",
+        f"- Original training: {o['epochs']} epochs ({schedule}), SGD Nesterov momentum 0.9, "
+        f"one-cycle lr {o['lr']}, batch {o['batch_size']}, weight decay {o['weight_decay']}, label "
+        f"smoothing {o['label_smoothing']}, random crop (reflect pad) + horizontal flip; seed "
+        f"{cfg['seed']}.",
+        f"- Split point: after `{cfg['split_after']}` (the trunk is the original's stages up to it, "
+        "frozen).",
+        f"- Class similarity: `{cl['similarity']}` on the calibration split; clustering "
+        f"`{cl['method']}`" + (f" with the eigengap choosing between {cl['min_clusters']} and "
+                              f"{cl['max_clusters']} clusters" if cl["method"] == "spectral" else "")
+        + ".",
+        f"- Clustifier: `{cfg['clustifier']['name']}` (replace {list(cfg['clustifier']['replace'])}, "
+        f"mid ×{cfg['clustifier']['mid_ratio']}), {co['epochs']} epochs on cached trunk features, "
+        f"distilled from the original's cluster mass (α {co['distill']}, T {co['temperature']}).",
+        f"- Head family: {family}; {ho['epochs']} epochs each on their cluster's images (cached trunk "
+        f"features, one-cell shifts + mirrored copies), distilled from the original (α "
+        f"{ho['distill']}, T {ho['temperature']}); per cluster the cheapest head within "
+        f"{100 * cfg['head_tolerance']:.1f} points of the best on the calibration split is kept.",
+    ]
+
+
+def render_card(m: Manifest, run_dir: Path | None = None) -> str:
+    """The card's markdown for manifest ``m`` (``run_dir`` adds head candidates when present)."""
+    t, cfg = m.training, m.training.config
+    orig_flops = m.original.flops
+    default = m.activator.default_tau
+    row = next((r for r in m.tau_sweep if r.tau == default), None)
+    per_class = {k: cfg.get(k) for k in ("val_per_class", "calib_per_class")}
+    lines = [
+        f"# {m.name} {m.version}: CP-CNN model card", "",
+        f"A cluster-based partitioned CNN (CP-CNN) for the {t.num_classes} classes of "
+        f"`{t.dataset}`: a shared trunk and a clustifier run on every image, then only the "
+        "hyper-class heads the confusion-threshold activator picks. Served by "
+        "`make serve` / `uvicorn service.app:app`; reproduced by "
+        f"`python -m training run --config configs/{m.name}.toml` (from `../shared/data`).", "",
+        "## Summary (validation split)", "",
+        "| model | top-1 | top-5 | MFLOPs per image | FLOP saving |", "|---|---|---|---|---|",
+        f"| original | {pct(t.original_accuracy.top1, 2)} | {pct(t.original_accuracy.top5, 2)} | "
+        f"{orig_flops / 1e6:.1f} | — |",
+    ]
+    if row is not None:
+        lines.append(f"| CP-CNN, τ = {default:g} (default) | {pct(row.top1, 2)} | {pct(row.top5, 2)} "
+                     f"| {row.mean_flops / 1e6:.1f} | {pct(row.flop_saving)} |")
+    lines += ["", f"Top-1 change at the default τ: {100 * row.top1_gain:+.2f} points."
+              if row is not None else "", "",
+              "## Default τ", "", m.activator.default_tau_reason or
+              f"τ = {default:g} (set in the config).", "",
+              "## Data and split", "",
+              f"- `{t.dataset}`, {t.num_classes} classes, from `{cfg['data']['path']}`.",
+              f"- Per class, a seeded (seed {t.split_seed}) split of the training images: "
+              f"{per_class['val_per_class']} validation (never trained on, used only for the "
+              f"figures here), {per_class['calib_per_class']} calibration (class similarity, "
+              "clustifier confusion matrix, head choice), the rest training.",
+              f"- Images: {t.train_images} train, {t.calib_images} calibration, {t.val_images} "
+              "validation.", "",
+              "## Training settings", "", *_settings(cfg), "",
+              "## Components", "",
+              "| part | file | MFLOPs | of original | parameters | architecture |",
+              "|---|---|---|---|---|---|"]
+    parts = [("original", m.original), ("trunk", m.trunk), ("clustifier", m.clustifier)] + [
+        (f"head {c.index}", c.head) for c in m.clusters]
+    for name, comp in parts:
+        lines.append(f"| {name} | `{comp.file}` | {comp.flops / 1e6:.2f} | "
+                     f"{pct(comp.flops / orig_flops)} | {comp.params:,} | {comp.architecture} |")
+    lines += ["", f"Clustifier accuracy (the true class's cluster predicted): "
+              f"{pct(t.clustifier_accuracy)} on the validation split.", "",
+              "## Clusters (hyper-classes)", "",
+              f"{m.num_clusters} clusters; sizes: {[len(c.classes) for c in m.clusters]}.", "",
+              f"![cluster sizes]({CLUSTER_PLOT})", "",
+              "| cluster | classes | head | head MFLOPs | members |", "|---|---|---|---|---|"]
+    for c in m.clusters:
+        names = ", ".join(short_name(m.class_names[i]) for i in c.classes)
+        lines.append(f"| {c.index} | {len(c.classes)} | `{c.head.architecture}` | "
+                     f"{c.head.flops / 1e6:.2f} | {names} |")
+    candidates = _head_candidates(run_dir)
+    if candidates:
+        lines += ["", "Head candidates (calibration top-1 within the cluster):", "",
+                  "| cluster | " + " | ".join(candidates["archs"]) + " | chosen |",
+                  "|" + "---|" * (len(candidates["archs"]) + 2)]
+        for ci, accs in candidates["rows"].items():
+            lines.append(f"| {ci} | " + " | ".join(pct(accs.get(a, float("nan"))) for a in
+                                                  candidates["archs"]) +
+                         f" | `{candidates['chosen'][ci]}` |")
+    lines += ["", "## τ sweep", "",
+              f"On the {t.val_images} validation images, through the serving runner and activator "
+              f"(ranking `{m.activator.ranking}`, weighting `{m.activator.weighting}`). `#n`: "
+              "images that ran exactly n heads (paper 002, Table 2); Acc. Gain: top-1 minus the "
+              "original's; CC. Save: FLOP saving against the original; true cluster run: images "
+              "whose class's head ran.", "", *sweep_table(m.tau_sweep, m.num_clusters, default), "",
+              "![accuracy against FLOPs](tau_sweep.png)", "",
+              "## Limitations", "",
+              "- Figures are on a validation split carved from Tiny-ImageNet's training images "
+              "(same distribution); expect lower accuracy on other photos.",
+              "- FLOPs count convolutions and matmuls (2 × MACs), the same way for every part; "
+              "latency saving on a given machine is measured by `make bench`.", ""]
+    return "\n".join(lines)
+
+
+def _head_candidates(run_dir: Path | None) -> dict | None:
+    path = run_dir / "heads.json" if run_dir is not None else None
+    if path is None or not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    archs = list(dict.fromkeys(c["arch"] for c in report["candidates"]))
+    rows: dict[int, dict[str, float]] = {}
+    for c in report["candidates"]:
+        rows.setdefault(c["cluster"], {})[c["arch"]] = c["accuracy"]
+    chosen = {c["cluster"]: c["arch"] for c in report["chosen"]}
+    return {"archs": archs, "rows": rows, "chosen": chosen}
+
+
+def write_card(package_dir: Path, run_dir: Path | None = None) -> Path:
+    """Write ``README.md`` (and the cluster-size plot) into the package; list both in the manifest."""
+    package_dir = Path(package_dir)
+    m = load_manifest(package_dir)
+    extra = dict(m.extra_files)
+    plot = run_dir / CLUSTER_PLOT if run_dir is not None else None
+    if plot is not None and plot.exists():
+        shutil.copyfile(plot, package_dir / CLUSTER_PLOT)
+        extra[CLUSTER_PLOT] = sha256_file(package_dir / CLUSTER_PLOT)
+    card = package_dir / CARD
+    card.write_text(render_card(m, run_dir))
+    extra[CARD] = sha256_file(card)
+    write_manifest(m.model_copy(update={"extra_files": extra}), package_dir)
+    load_manifest(package_dir)
+    return card
