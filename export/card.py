@@ -98,7 +98,8 @@ def render_card(m: Manifest, run_dir: Path | None = None) -> str:
         f"`{t.dataset}`: a shared trunk and a clustifier run on every image, then only the "
         "hyper-class heads the confusion-threshold activator picks. Served by "
         "`make serve` / `uvicorn service.app:app`; reproduced by "
-        f"`python -m training run --config configs/{m.name}.toml` (from `../shared/data`).", "",
+        f"`python -m training run --config configs/{m.name}.toml`"
+        + (f" (data from `{cfg['data']['path']}`)." if cfg["data"].get("path") else "."), "",
         "## Summary (validation split)", "",
         "| model | top-1 | top-5 | MFLOPs per image | FLOP saving |", "|---|---|---|---|---|",
         f"| original | {pct(t.original_accuracy.top1, 2)} | {pct(t.original_accuracy.top5, 2)} | "
@@ -112,7 +113,9 @@ def render_card(m: Manifest, run_dir: Path | None = None) -> str:
               "## Default τ", "", m.activator.default_tau_reason or
               f"τ = {default:g} (set in the config).", "",
               "## Data and split", "",
-              f"- `{t.dataset}`, {t.num_classes} classes, from `{cfg['data']['path']}`.",
+              f"- `{t.dataset}`, {t.num_classes} classes, "
+              + (f"from `{cfg['data']['path']}`." if cfg["data"].get("path") else
+                 f"generated (`{cfg['data']['kind']}` dataset, no download)."),
               f"- Per class, a seeded (seed {t.split_seed}) split of the training images: "
               f"{per_class['val_per_class']} validation (never trained on, used only for the "
               f"figures here), {per_class['calib_per_class']} calibration (class similarity, "
@@ -190,3 +193,20 @@ def write_card(package_dir: Path, run_dir: Path | None = None) -> Path:
     write_manifest(m.model_copy(update={"extra_files": extra}), package_dir)
     load_manifest(package_dir)
     return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m export.card PACKAGE_DIR [--run RUN_DIR]``: (re)write a package's model card."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m export.card", description=main.__doc__)
+    parser.add_argument("package_dir", type=Path)
+    parser.add_argument("--run", type=Path, help="the run directory (adds head candidates and "
+                        "the cluster-size plot)")
+    args = parser.parse_args(argv)
+    write_card(args.package_dir, args.run)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

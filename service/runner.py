@@ -87,9 +87,23 @@ class _Session:
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
         self.input_name = component.input_name
         self.output_name = component.output_name
+        # Where IOBinding leaves outputs: on the GPU when the session runs there.
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def run_bound(self, x: np.ndarray | ort.OrtValue) -> ort.OrtValue:
+        """Run with IOBinding: a host array is copied in once, an ``OrtValue`` already on the
+        device is used in place, and the output stays on the device for the next session."""
+        binding = self.session.io_binding()
+        if isinstance(x, np.ndarray):
+            binding.bind_cpu_input(self.input_name, x)
+        else:
+            binding.bind_ortvalue_input(self.input_name, x)
+        binding.bind_output(self.output_name, self.device)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
 
 
 class PackageRunner:
@@ -105,6 +119,7 @@ class PackageRunner:
         allow_spinning: bool = False,
         verify: bool = True,
         manifest: Manifest | None = None,
+        io_binding: bool | None = None,
     ) -> None:
         self.package_dir = Path(package_dir)
         self.manifest = manifest or load_manifest(self.package_dir, verify=verify)
@@ -122,6 +137,10 @@ class PackageRunner:
             role: _Session(self.package_dir / comp.file, comp, options, self.providers)
             for role, comp in m.components().items()
         }
+        # IOBinding (default: on when the trunk runs on CUDA): the trunk's features stay on the
+        # GPU and feed the clustifier and the heads there; only the small logits come back.
+        self.io_binding = (self._sessions["trunk"].device == "cuda" if io_binding is None
+                           else io_binding)
         self.activator = Activator(
             np.asarray(m.clustifier_confusion),
             ranking=m.activator.ranking,
@@ -148,9 +167,15 @@ class PackageRunner:
         taus = np.broadcast_to(np.asarray(tau, dtype=np.float64), (len(x),))
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        features = self._sessions["trunk"](x)  # (N, C', H', W')
-        t1 = time.perf_counter()
-        cluster_probs = softmax(self._sessions["clustifier"](features), axis=1)  # (N, K)
+        if self.io_binding:
+            features = self._sessions["trunk"].run_bound(x)  # OrtValue (N, C', H', W') on device
+            t1 = time.perf_counter()
+            logits = self._sessions["clustifier"].run_bound(features).numpy()
+        else:
+            features = self._sessions["trunk"](x)  # (N, C', H', W')
+            t1 = time.perf_counter()
+            logits = self._sessions["clustifier"](features)
+        cluster_probs = softmax(logits, axis=1)  # (N, K)
         t2 = time.perf_counter()
         activations = [self.activator.select(p, float(t)) for p, t in zip(cluster_probs, taus, strict=True)]
         t3 = time.perf_counter()
@@ -169,17 +194,32 @@ class PackageRunner:
                        combine=t5 - t4)
         return BatchResult(predictions, timings)
 
-    def _run_heads(self, features: np.ndarray,
+    def _run_heads(self, features: np.ndarray | ort.OrtValue,
                    activations: list[Activation]) -> list[dict[int, np.ndarray]]:
-        """Run each head once on just the images routed to it; per image, head → softmax."""
+        """Run each head once on just the images routed to it; per image, head → softmax.
+
+        ``features`` is a host array, or with IOBinding an ``OrtValue`` on the device: a head that
+        takes the whole batch reads it in place; a subset is gathered from one host copy.
+        """
         routed: dict[int, list[int]] = {}
         for i, act in enumerate(activations):
             for h in act.heads:
                 routed.setdefault(h, []).append(i)
         out: list[dict[int, np.ndarray]] = [{} for _ in activations]
+        host = features if isinstance(features, np.ndarray) else None
         for h, idx in sorted(routed.items()):
-            batch = features if len(idx) == len(activations) else features[idx]
-            probs = softmax(self._sessions[f"head{h}"](batch), axis=1)
+            session = self._sessions[f"head{h}"]
+            if len(idx) == len(activations):
+                batch = features
+            else:
+                if host is None:
+                    host = features.numpy()  # (N, C', H', W'), once per batch
+                batch = host[idx]
+            if self.io_binding:
+                logits = session.run_bound(batch).numpy()
+            else:
+                logits = session(batch)
+            probs = softmax(logits, axis=1)
             for row, i in enumerate(idx):
                 out[i][h] = probs[row]
         return out

@@ -162,6 +162,7 @@ class InferenceService:
                 inter_op_threads=s.inter_op_threads,
                 allow_spinning=s.allow_spinning,
                 verify=s.verify_checksums,
+                io_binding=s.io_binding,
             )
             t0 = time.perf_counter()
             runner.warmup()

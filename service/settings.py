@@ -51,6 +51,9 @@ class Settings(BaseSettings):
         default=False, description="Let ORT intra-op threads spin between ops. Off by default: "
         "on 2 cores, spinning threads of the idle sessions starve the running one (batch 32 "
         "took 27 ms with spinning, 5.6 ms without; bench/results/).")
+    io_binding: bool | None = Field(
+        default=None, description="ORT IOBinding: trunk features stay on the device for the "
+        "clustifier and heads. Unset: on when the trunk runs on CUDA.")
     inference_concurrency: int = Field(
         default=1, ge=1, description="Inference calls allowed to run at once (worker threads)."
     )
