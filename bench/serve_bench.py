@@ -65,15 +65,11 @@ def machine_info() -> dict:
 # -- images ----------------------------------------------------------------------------------------
 def validation_images(model_dir: Path, count: int) -> np.ndarray:
     """``count`` images of the package's own validation split (needs the training extra)."""
-    from training.config import config_from_dict
-    from training.data import load_dataset, split_dataset
+    from training.evaluate import validation_split
 
-    m = load_manifest(model_dir, verify=False)
-    cfg = config_from_dict(m.training.config)
-    data = load_dataset(cfg.data)
-    val = split_dataset(data.labels, cfg.val_per_class, cfg.calib_per_class, cfg.seed).val
-    pick = np.random.default_rng(0).choice(val, size=min(count, len(val)), replace=False)
-    return data.images[pick]
+    images, _ = validation_split(load_manifest(model_dir, verify=False))
+    pick = np.random.default_rng(0).choice(len(images), size=min(count, len(images)), replace=False)
+    return images[pick]
 
 
 def encode_png(images: np.ndarray) -> list[bytes]:

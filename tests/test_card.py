@@ -74,3 +74,21 @@ def test_pipeline_writes_a_card_the_manifest_vouches_for(synthetic_package):
     assert m.class_names[m.clusters[0].classes[0]].split(",")[0] in text
     assert text.count("\n| ") >= len(m.tau_sweep) + len(m.clusters)
     assert "(tau_sweep.png)" in text and (synthetic_package / "tau_sweep.png").exists()
+
+
+def test_a_fresh_evaluation_reproduces_the_cards_sweep(synthetic_package, capsys):
+    """`python -m training.evaluate PACKAGE` rebuilds the validation split from the manifest's
+    config and must print the very rows the card and manifest hold."""
+    from training.evaluate import main
+
+    m = load_manifest(synthetic_package)
+    taus = [r.tau for r in m.tau_sweep][::3]
+    assert main([str(synthetic_package), "--taus", ",".join(f"{t:g}" for t in taus)]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    card = (synthetic_package / CARD).read_text()
+    assert len(printed) == len(taus)
+    for line, tau in zip(printed, taus, strict=True):
+        expected = next(r for r in m.tau_sweep if r.tau == tau)
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert f"{100 * expected.top1:.2f}%" in cells and f"{100 * expected.flop_saving:.1f}%" in cells
+        assert line in card.splitlines()  # the card's row, cell for cell

@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from service.manifest import Accuracy, SweepRow, load_manifest, sha256_file, write_manifest
+from service.manifest import (
+    Accuracy,
+    Manifest,
+    SweepRow,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
 from service.runner import BatchResult, PackageRunner
 from training.engine import topk_accuracy
 from training.report import plot_tau_sweep
@@ -112,20 +119,31 @@ def sweep_package(package_dir: str | Path, images: np.ndarray, labels: np.ndarra
     return rows
 
 
+def validation_split(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """The package's own validation images and labels, rebuilt from the config in its manifest
+    (same data, same seeded split), so anyone with the data can check the card's figures."""
+    from training.config import config_from_dict
+    from training.data import load_dataset, split_dataset
+
+    cfg = config_from_dict(manifest.training.config)
+    data = load_dataset(cfg.data)
+    val = split_dataset(data.labels, cfg.val_per_class, cfg.calib_per_class, cfg.seed).val
+    return data.images[val], data.labels[val]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Sweep a package with other activator options, without changing it (prints Table 2)."""
     import argparse
     import sys
 
     from export.card import sweep_table
-    from training.pipeline import Run
 
     parser = argparse.ArgumentParser(
         prog="python -m training.evaluate",
-        description="τ sweep of a package on its run's validation split with the activator options "
-        "given (default: the package's own); prints the table, changes nothing.")
+        description="τ sweep of a package on its validation split (rebuilt from the config in its "
+        "manifest) with the activator options given (default: the package's own); prints the "
+        "table in the model card's columns, changes nothing.")
     parser.add_argument("package_dir", type=Path)
-    parser.add_argument("--run", required=True, help="the run directory the package came from")
     parser.add_argument("--ranking", choices=("confusion", "probability"))
     parser.add_argument("--weighting", choices=("confusion", "probability"))
     parser.add_argument("--taus", default="0,0.5,0.7,0.8,0.9,0.95,1")
@@ -135,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: v for k, v in (("ranking", args.ranking), ("weighting", args.weighting)) if v}
     manifest = m.model_copy(update={"activator": m.activator.model_copy(update=options)})
     runner = PackageRunner(args.package_dir, manifest=manifest)
-    images, labels = Run.open(args.run).part("val")
+    images, labels = validation_split(m)
     original_top1 = m.training.original_accuracy.top1
     rows = [evaluate_tau(runner, images, labels, float(t), original_top1)
             for t in args.taus.split(",")]
