@@ -21,14 +21,12 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
@@ -36,6 +34,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from service.launch import child_env, free_port, wait_until_ready  # noqa: E402
 from service.manifest import load_manifest  # noqa: E402
 from service.runner import PackageRunner  # noqa: E402
 from service.settings import default_model_dir  # noqa: E402
@@ -82,33 +81,20 @@ def encode_png(images: np.ndarray) -> list[bytes]:
 
 
 # -- a served model ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, model_dir: Path, env: dict[str, str]) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        full = {k: v for k, v in os.environ.items() if not k.startswith("CPCNN_")}
-        full.update(CPCNN_MODEL_DIR=str(model_dir), CPCNN_LOG_LEVEL="WARNING", **env)
+        full = child_env(CPCNN_MODEL_DIR=str(model_dir), CPCNN_LOG_LEVEL="WARNING", **env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port",
              str(self.port), "--no-access-log", "--log-level", "warning"],
             cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("server did not become ready in 120 s")
+        problem = wait_until_ready(f"{self.base}/readyz", alive=lambda: self.proc.poll() is None,
+                                   timeout=120)
+        if problem:
+            self.close()
+            raise RuntimeError(f"server {problem}: {self.proc.stderr.read()}")
 
     def close(self) -> None:
         self.proc.terminate()

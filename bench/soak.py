@@ -42,7 +42,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import free_port, machine_info  # noqa: E402
+from bench.serve_bench import machine_info  # noqa: E402
+from service.launch import child_env, free_port, wait_until_ready  # noqa: E402
 from service.manifest import copy_package, load_manifest  # noqa: E402
 from service.settings import default_model_dir  # noqa: E402
 
@@ -60,26 +61,19 @@ def proc_status(pid: int) -> dict[str, int]:
 
 
 def start_server(models_root: Path, port: int, token: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CPCNN_")}
-    env.update(CPCNN_MODEL_DIR=str(models_root / "a"), CPCNN_MODELS_ROOT=str(models_root),
-               CPCNN_ADMIN_TOKEN=token, CPCNN_HOST="127.0.0.1", CPCNN_PORT=str(port),
-               CPCNN_LOG_LEVEL="WARNING")
+    env = child_env(CPCNN_MODEL_DIR=str(models_root / "a"), CPCNN_MODELS_ROOT=str(models_root),
+                    CPCNN_ADMIN_TOKEN=token, CPCNN_HOST="127.0.0.1", CPCNN_PORT=str(port),
+                    CPCNN_LOG_LEVEL="WARNING")
     return subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("server not ready in time")
+    problem = wait_until_ready(f"{base}/readyz", alive=lambda: proc.poll() is None,
+                               timeout=timeout)
+    if problem:
+        raise SystemExit(f"server {problem} (exit code {proc.poll()}):\n"
+                         f"{proc.stdout.read() if proc.poll() is not None else ''}")
 
 
 # -- requests --------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ import httpx
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+
+from service.launch import child_env, free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS = shutil.which("prometheus")
@@ -56,12 +57,6 @@ class Proc:
             return f"<no log: {e}>"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stop(proc: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL after 15 s; always reaps the process."""
     if proc.poll() is None:
@@ -75,19 +70,10 @@ def stop(proc: subprocess.Popen) -> None:
 
 def wait_ready(p: Proc, path: str, what: str) -> None:
     """Poll ``path`` until 200; fail (with the log) if the process exits or the deadline passes."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if p.proc.poll() is not None:
-            pytest.fail(f"{what} exited with {p.proc.returncode} before it was ready:\n"
-                        f"{p.log_tail()}")
-        try:
-            if httpx.get(f"{p.base}{path}", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not ready after {STARTUP_TIMEOUT_S:.0f} s:\n{p.log_tail()}")
-        time.sleep(0.1)
+    problem = wait_until_ready(f"{p.base}{path}", alive=lambda: p.proc.poll() is None,
+                               timeout=STARTUP_TIMEOUT_S, interval=0.1)
+    if problem:
+        pytest.fail(f"{what} {problem} (exit code {p.proc.poll()}):\n{p.log_tail()}")
 
 
 def start(argv: list[str], env: dict[str, str], log: Path, port: int) -> Proc:
@@ -98,9 +84,8 @@ def start(argv: list[str], env: dict[str, str], log: Path, port: int) -> Proc:
 
 
 def start_service(model_dir: Path, port: int, log: Path) -> Proc:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CPCNN_")}
-    env.update(CPCNN_MODEL_DIR=str(model_dir), CPCNN_ADMIN_TOKEN=ADMIN_TOKEN,
-               CPCNN_PROVIDERS="CPUExecutionProvider", CPCNN_INTRA_OP_THREADS="1")
+    env = child_env(CPCNN_MODEL_DIR=str(model_dir), CPCNN_ADMIN_TOKEN=ADMIN_TOKEN,
+                    CPCNN_PROVIDERS="CPUExecutionProvider", CPCNN_INTRA_OP_THREADS="1")
     return start([sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1",
                   "--port", str(port)], env, log, port)
 

@@ -19,25 +19,11 @@ from service.decode import decode, prepare
 from service.errors import InvalidImage, LimitExceeded
 from service.preprocess import resize_center_crop
 from service.settings import Settings
+from tests.test_hostile_input import encode, gradient
 
 MAX_BODY = 300_000
 MAX_FILES = 3
 MAX_PIXELS = 1_000_000
-
-
-def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
-
-
-def gradient(size=(48, 40)) -> Image.Image:
-    w, h = size
-    x = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
-    y = np.linspace(0, 255, h, dtype=np.float32)[:, None, None]
-    rgb = np.concatenate([np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)),
-                          np.full((h, w, 1), 90, np.float32)], axis=2)
-    return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
 @pytest.fixture(scope="module")

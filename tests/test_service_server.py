@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
+from service.launch import child_env, free_port, wait_until_ready
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model_dir: Path, port: int, **env: str) -> subprocess.Popen:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CPCNN_")}
-    full_env.update(CPCNN_MODEL_DIR=str(model_dir), **env)
+    full_env = child_env(CPCNN_MODEL_DIR=str(model_dir), **env)
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1",
          "--port", str(port)],
@@ -49,19 +41,11 @@ def server(synthetic_package):
     port = free_port()
     proc = start_server(synthetic_package, port, CPCNN_ADMIN_TOKEN="tok")
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{stop(proc)}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after 120 s:\n{stop(proc)}")
-            time.sleep(0.2)
+        problem = wait_until_ready(f"{base}/readyz", alive=lambda: proc.poll() is None,
+                                   timeout=120)
+        if problem:
+            pytest.fail(f"server {problem}:\n{stop(proc)}")
         yield base
     finally:
         log = stop(proc)

@@ -4,7 +4,6 @@ flight still gets its 200, and the process exits 0."""
 from __future__ import annotations
 
 import io
-import os
 import re
 import signal
 import subprocess
@@ -18,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.launch import child_env, free_port, wait_until_ready
 from tests.conftest import SHIPPED_PACKAGE
-from tests.test_service_server import free_port, stop
+from tests.test_service_server import stop
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_FLIGHT = 6  # concurrent slow requests
@@ -27,25 +27,16 @@ FILES = 16  # images per request (the default CPCNN_MAX_FILES)
 
 
 def start(port: int, **env: str) -> subprocess.Popen:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CPCNN_")}
-    full_env.update(CPCNN_MODEL_DIR=str(SHIPPED_PACKAGE), CPCNN_HOST="127.0.0.1",
+    full_env = child_env(CPCNN_MODEL_DIR=str(SHIPPED_PACKAGE), CPCNN_HOST="127.0.0.1",
                     CPCNN_PORT=str(port), **env)
     return subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_ready(proc: subprocess.Popen, base: str) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{stop(proc)}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"server not ready after 120 s:\n{stop(proc)}")
+    problem = wait_until_ready(f"{base}/readyz", alive=lambda: proc.poll() is None, timeout=120)
+    if problem:
+        pytest.fail(f"server {problem}:\n{stop(proc)}")
 
 
 def in_flight(base: str) -> int:
