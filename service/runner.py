@@ -164,8 +164,19 @@ class PackageRunner:
 
     def run_normalized(self, x: np.ndarray, tau: float | Sequence[float]) -> BatchResult:
         """CP-CNN inference on an already normalised (N, 3, H, W) float32 batch."""
-        taus = np.broadcast_to(np.asarray(tau, dtype=np.float64), (len(x),))
-        timings: dict[str, float] = {}
+        features, logits, timings = self._shared(x)
+        result = self.route(features, logits, tau)
+        result.timings = {**timings, **result.timings}
+        return result
+
+    def shared(self, x: np.ndarray) -> tuple[np.ndarray | ort.OrtValue, np.ndarray]:
+        """Trunk features and clustifier logits (N, K) of a normalised batch: the part of the
+        work every image pays whatever τ is. With IOBinding the features stay on the device."""
+        features, logits, _ = self._shared(x)
+        return features, logits
+
+    def _shared(self, x: np.ndarray) -> tuple[np.ndarray | ort.OrtValue, np.ndarray,
+                                              dict[str, float]]:
         t0 = time.perf_counter()
         if self.io_binding:
             features = self._sessions["trunk"].run_bound(x)  # OrtValue (N, C', H', W') on device
@@ -175,8 +186,18 @@ class PackageRunner:
             features = self._sessions["trunk"](x)  # (N, C', H', W')
             t1 = time.perf_counter()
             logits = self._sessions["clustifier"](features)
-        cluster_probs = softmax(logits, axis=1)  # (N, K)
+        return features, logits, {"trunk": t1 - t0, "clustifier": time.perf_counter() - t1}
+
+    def route(self, features: np.ndarray | ort.OrtValue, cluster_logits: np.ndarray,
+              tau: float | Sequence[float]) -> BatchResult:
+        """Activator → the chosen heads → Eq. 3, on ``shared()``'s outputs.
+
+        ``tau`` may be one value for the batch or one per image (a micro-batch mixes requests).
+        The offline τ sweep calls this once per τ on features it computed once.
+        """
+        taus = np.broadcast_to(np.asarray(tau, dtype=np.float64), (len(cluster_logits),))
         t2 = time.perf_counter()
+        cluster_probs = softmax(cluster_logits, axis=1)  # (N, K)
         activations = [self.activator.select(p, float(t)) for p, t in zip(cluster_probs, taus, strict=True)]
         t3 = time.perf_counter()
         head_probs = self._run_heads(features, activations)
@@ -190,9 +211,8 @@ class PackageRunner:
                           original=m.original.flops, total=m.shared_flops() + heads)
             predictions.append(Prediction(scores, flops, act, cluster_probs[i]))
         t5 = time.perf_counter()
-        timings.update(trunk=t1 - t0, clustifier=t2 - t1, activator=t3 - t2, heads=t4 - t3,
-                       combine=t5 - t4)
-        return BatchResult(predictions, timings)
+        return BatchResult(predictions, {"activator": t3 - t2, "heads": t4 - t3,
+                                         "combine": t5 - t4})
 
     def _run_heads(self, features: np.ndarray | ort.OrtValue,
                    activations: list[Activation]) -> list[dict[int, np.ndarray]]:

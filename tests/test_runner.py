@@ -35,3 +35,17 @@ def test_io_binding_gives_the_same_predictions(images, tau):
 
 def test_io_binding_is_off_on_cpu_by_default():
     assert PackageRunner(SHIPPED_PACKAGE, verify=False).io_binding is False
+
+
+def test_route_on_shared_outputs_is_run(images):
+    """The τ sweep computes trunk + clustifier once and routes per τ: same answers as run()."""
+    from service.runner import normalize
+
+    runner = PackageRunner(SHIPPED_PACKAGE, verify=False)
+    features, logits = runner.shared(normalize(images, runner.manifest.input))
+    for tau in (0.0, 0.8, 1.0):
+        direct, routed = runner.run(images, tau), runner.route(features, logits, tau)
+        assert set(direct.timings) == {"trunk", "clustifier", "activator", "heads", "combine"}
+        for a, b in zip(direct.predictions, routed.predictions, strict=True):
+            assert a.activation == b.activation and a.flops == b.flops
+            np.testing.assert_array_equal(a.scores, b.scores)

@@ -21,7 +21,7 @@ from service.manifest import (
     sha256_file,
     write_manifest,
 )
-from service.runner import BatchResult, PackageRunner
+from service.runner import BatchResult, PackageRunner, normalize
 from training.engine import topk_accuracy
 from training.report import plot_tau_sweep
 
@@ -35,11 +35,26 @@ def _batched(run, images: np.ndarray, batch_size: int, desc: str) -> list[BatchR
             for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False)]
 
 
+SharedOutputs = list[tuple[np.ndarray, np.ndarray]]  # per batch: trunk features, clustifier logits
+
+
+def shared_outputs(runner: PackageRunner, images: np.ndarray,
+                   batch_size: int = 256) -> SharedOutputs:
+    """Trunk + clustifier over the images once: they do not depend on τ, so a sweep reuses them
+    and runs only the activator, heads and Eq. 3 per τ (``PackageRunner.route``)."""
+    spec = runner.manifest.input
+    return [runner.shared(normalize(images[i:i + batch_size], spec))
+            for i in tqdm(range(0, len(images), batch_size), desc="trunk + clustifier",
+                          leave=False)]
+
+
 def evaluate_tau(runner: PackageRunner, images: np.ndarray, labels: np.ndarray, tau: float,
-                 original_top1: float, batch_size: int = 256) -> SweepRow:
+                 original_top1: float, batch_size: int = 256,
+                 shared: SharedOutputs | None = None) -> SweepRow:
     """One row of the sweep: accuracy, FLOPs and the heads-run histogram at threshold ``tau``."""
     m = runner.manifest
-    results = _batched(lambda b: runner.run(b, tau), images, batch_size, f"τ={tau:g}")
+    shared = shared if shared is not None else shared_outputs(runner, images, batch_size)
+    results = [runner.route(features, logits, tau) for features, logits in shared]
     preds = [p for r in results for p in r.predictions]
     scores = np.stack([p.scores for p in preds])  # (N, C)
     n_heads = np.array([len(p.activation.heads) for p in preds])
@@ -97,7 +112,9 @@ def sweep_package(package_dir: str | Path, images: np.ndarray, labels: np.ndarra
     orig_scores = np.stack([p.scores for r in orig for p in r.predictions])
     original = Accuracy(top1=topk_accuracy(orig_scores, labels, 1),
                         top5=topk_accuracy(orig_scores, labels, 5))
-    rows = [evaluate_tau(runner, images, labels, t, original.top1, batch_size) for t in taus]
+    shared = shared_outputs(runner, images, batch_size)
+    rows = [evaluate_tau(runner, images, labels, t, original.top1, batch_size, shared)
+            for t in tqdm(taus, desc="τ sweep", leave=False)]
     for r in rows:
         logger.info("τ=%.2f top-1 %.4f top-5 %.4f  %.2f MFLOPs  saving %5.1f%%  heads %s",
                     r.tau, r.top1, r.top5, r.mean_flops / 1e6, 100 * r.flop_saving,
@@ -155,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     runner = PackageRunner(args.package_dir, manifest=manifest)
     images, labels = validation_split(m)
     original_top1 = m.training.original_accuracy.top1
-    rows = [evaluate_tau(runner, images, labels, float(t), original_top1)
+    shared = shared_outputs(runner, images)
+    rows = [evaluate_tau(runner, images, labels, float(t), original_top1, shared=shared)
             for t in args.taus.split(",")]
     sys.stdout.write(f"ranking {manifest.activator.ranking}, weighting "
                      f"{manifest.activator.weighting}; original top-1 {100 * original_top1:.2f}%\n\n"
