@@ -178,8 +178,13 @@ def _head_candidates(run_dir: Path | None) -> dict | None:
     return {"archs": archs, "rows": rows, "chosen": chosen}
 
 
-def write_card(package_dir: Path, run_dir: Path | None = None) -> Path:
-    """Write ``README.md`` (and the cluster-size plot) into the package; list both in the manifest."""
+def write_card(package_dir: Path, run_dir: Path | None = None,
+               notes: Path | None = None) -> Path:
+    """Write ``README.md`` (and the cluster-size plot) into the package; list both in the manifest.
+
+    ``notes``: a markdown file appended as "Status against the targets" (what was measured
+    against what was asked, and what limited it), written by the people who trained the model.
+    """
     package_dir = Path(package_dir)
     m = load_manifest(package_dir)
     extra = dict(m.extra_files)
@@ -188,7 +193,10 @@ def write_card(package_dir: Path, run_dir: Path | None = None) -> Path:
         shutil.copyfile(plot, package_dir / CLUSTER_PLOT)
         extra[CLUSTER_PLOT] = sha256_file(package_dir / CLUSTER_PLOT)
     card = package_dir / CARD
-    card.write_text(render_card(m, run_dir))
+    text = render_card(m, run_dir)
+    if notes is not None:
+        text += "\n## Status against the targets\n\n" + Path(notes).read_text()
+    card.write_text(text)
     extra[CARD] = sha256_file(card)
     write_manifest(m.model_copy(update={"extra_files": extra}), package_dir)
     load_manifest(package_dir)
@@ -203,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("package_dir", type=Path)
     parser.add_argument("--run", type=Path, help="the run directory (adds head candidates and "
                         "the cluster-size plot)")
+    parser.add_argument("--notes", type=Path, help="markdown appended as 'Status against the "
+                        "targets'")
     args = parser.parse_args(argv)
-    write_card(args.package_dir, args.run)
+    write_card(args.package_dir, args.run, args.notes)
     return 0
 
 

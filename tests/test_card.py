@@ -39,11 +39,19 @@ def test_ties_in_saving_go_to_the_lower_tau():
     assert choose_default_tau(rows, ORIGINAL_TOP1, 0.01)[0] == 0.7
 
 
-def test_no_tau_close_enough_falls_back_to_the_most_accurate_and_says_so():
-    rows = [row(0.0, 0.40, 0.35), row(0.9, 0.46, 0.20), row(1.0, 0.46, 0.05)]
+def test_no_tau_close_enough_falls_back_to_the_most_accurate_that_saves_and_says_so():
+    rows = [row(0.0, 0.40, 0.35), row(0.9, 0.46, 0.20), row(0.95, 0.46, 0.05),
+            row(1.0, 0.47, -0.30)]
     tau, reason = choose_default_tau(rows, ORIGINAL_TOP1, max_top1_loss=0.01)
-    assert tau == 0.9  # as accurate as τ=1, and cheaper
+    assert tau == 0.9  # τ=1 is more accurate but costs more than the original; 0.95 saves less
     assert reason.startswith("τ = 0.9: no swept τ keeps top-1 within 1 point")
+    assert "fewer FLOPs than the original" in reason
+
+
+def test_when_nothing_saves_the_cheapest_tau_is_the_default():
+    rows = [row(0.0, 0.40, -0.05), row(1.0, 0.45, -0.50)]
+    tau, reason = choose_default_tau(rows, ORIGINAL_TOP1, max_top1_loss=0.01)
+    assert tau == 0.0 and "cheapest" in reason
 
 
 def test_an_empty_sweep_is_refused():

@@ -75,7 +75,9 @@ def evaluate_tau(runner: PackageRunner, images: np.ndarray, labels: np.ndarray, 
 def choose_default_tau(rows: Sequence[SweepRow], original_top1: float,
                        max_top1_loss: float) -> tuple[float, str]:
     """The τ to serve by default, and why: the largest FLOP saving whose top-1 is at most
-    ``max_top1_loss`` below the original model's; when no τ is that close, the most accurate τ."""
+    ``max_top1_loss`` below the original model's; when no τ is that close, the most accurate τ
+    that still spends fewer FLOPs than the original (a default costlier than the model it
+    replaces would defeat the point), or the cheapest τ if none does."""
     if not rows:
         raise ValueError("no sweep rows to choose a default τ from")
     floor = original_top1 - max_top1_loss
@@ -90,11 +92,18 @@ def choose_default_tau(rows: Sequence[SweepRow], original_top1: float,
             f"{100 * best.flop_saving:.1f}%, {best.mean_heads:.2f} heads per image on average. "
             "Lower τ values save more but lose more accuracy; higher ones cost more for little or "
             "no gain (see the sweep table).")
-    best = max(rows, key=lambda r: (round(r.top1, 9), round(r.flop_saving, 9)))
+    saving = [r for r in rows if r.flop_saving > 0]
+    if saving:
+        best = max(saving, key=lambda r: (round(r.top1, 9), round(r.flop_saving, 9)))
+        why = "the most accurate one that still spends fewer FLOPs than the original"
+    else:
+        best = max(rows, key=lambda r: (round(r.flop_saving, 9), -r.tau))
+        why = "none saves FLOPs either, so this is the cheapest"
     return best.tau, (
         f"τ = {best.tau:g}: no swept τ keeps top-1 within {loss} of the original model's "
-        f"({100 * original_top1:.2f}%); this is the most accurate one: top-1 {100 * best.top1:.2f}% "
-        f"({100 * best.top1_gain:+.2f} points) at a FLOP saving of {100 * best.flop_saving:.1f}%.")
+        f"({100 * original_top1:.2f}%); {why}: top-1 {100 * best.top1:.2f}% "
+        f"({100 * best.top1_gain:+.2f} points) at a FLOP saving of {100 * best.flop_saving:.1f}%, "
+        f"{best.mean_heads:.2f} heads per image on average.")
 
 
 def sweep_package(package_dir: str | Path, images: np.ndarray, labels: np.ndarray,
