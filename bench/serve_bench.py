@@ -341,6 +341,8 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     gpu = "gpu" if result["machine"]["gpu"] else "cpu"
     stem = f"{gpu}{result['machine']['cores']}-{manifest.name}-{manifest.version}"
+    if args.tau is not None:  # not the package's default τ: a separate result file
+        stem += f"-tau{tau:g}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
