@@ -217,26 +217,42 @@ def time_runner(runner: PackageRunner, images: np.ndarray, mode: str, tau: float
             "p95_ms": 1e3 * float(np.percentile(times, 95))}
 
 
-def thread_settings(model_dir: Path, images: np.ndarray, tau: float) -> list[dict]:
-    """ORT intra-op threads × spinning, batch 1 and batch 32, side by side in one process."""
-    rows = []
+def _time_configs(model_dir: Path, configs: list[dict], images: np.ndarray, tau: float,
+                  rounds: int) -> list[dict]:
+    """Batch 1 and batch 32 latency of ``configs``, interleaved round by round in one process so
+    that a noisy neighbour hits them all alike."""
+    runners = [PackageRunner(model_dir, verify=False, **c) for c in configs]
+    single: list[list[float]] = [[] for _ in configs]
+    batched: list[list[float]] = [[] for _ in configs]
     batch = images[:32]
-    for threads in (1, 2):
-        for spin in (True, False):
-            runner = PackageRunner(model_dir, intra_op_threads=threads, allow_spinning=spin,
-                                   verify=False)
-            single = time_runner(runner, images[:64], "conditional", tau, repeats=2)["p50_ms"]
-            for _ in range(2):
-                runner.run(batch, tau)
-            t = []
-            for _ in range(5):
+    for runner in runners:  # warm-up
+        runner.run(batch, tau)
+    for rnd in range(rounds):
+        for runner, one, many in zip(runners, single, batched, strict=True):
+            for img in images[rnd * 16:(rnd + 1) * 16]:
                 t0 = time.perf_counter()
-                runner.run(batch, tau)
-                t.append(time.perf_counter() - t0)
-            rows.append({"intra_op_threads": threads, "allow_spinning": spin,
-                         "batch1_p50_ms": single, "batch32_ms": 1e3 * statistics.median(t),
-                         "batch32_images_per_s": len(batch) / statistics.median(t)})
-    return rows
+                runner.run(img[None], tau)
+                one.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            runner.run(batch, tau)
+            many.append(time.perf_counter() - t0)
+    return [{**c, "batch1_p50_ms": 1e3 * statistics.median(one),
+             "batch32_ms": 1e3 * statistics.median(many),
+             "batch32_images_per_s": len(batch) / statistics.median(many)}
+            for c, one, many in zip(configs, single, batched, strict=True)]
+
+
+def thread_settings(model_dir: Path, images: np.ndarray, tau: float, rounds: int = 6) -> list[dict]:
+    """ORT intra-op threads × spinning, and head threads × heads at once. Spinning runners are
+    timed alone (their threads keep spinning after a run and would slow whatever runs next)."""
+    spinning = [{"intra_op_threads": t, "allow_spinning": True, "head_threads": t, "head_workers": 1}
+                for t in (1, 2)]
+    quiet = [{"intra_op_threads": t, "allow_spinning": False, "head_threads": t, "head_workers": 1}
+             for t in (1, 2)]
+    quiet += [{"intra_op_threads": 2, "allow_spinning": False, "head_threads": 1, "head_workers": w}
+              for w in (1, 2)]
+    rows = [row for c in spinning for row in _time_configs(model_dir, [c], images, tau, rounds)]
+    return rows + _time_configs(model_dir, quiet, images, tau, rounds)
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -262,11 +278,13 @@ def markdown(result: dict) -> str:
     for r in result["raw"]:
         lines.append(f"| {r['mode']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} |")
     lines += ["", "ONNX Runtime thread settings (in-process, conditional):", "",
-              "| intra-op threads | spinning | batch 1 p50 ms | batch 32 ms | batch 32 images/s |",
-              "|---|---|---|---|---|"]
+              "| intra-op threads | spinning | head threads | heads at once | batch 1 p50 ms | batch 32 ms | batch 32 images/s |",
+              "|---|---|---|---|---|---|---|"]
     for r in result["threads"]:
-        lines.append(f"| {r['intra_op_threads']} | {r['allow_spinning']} | {r['batch1_p50_ms']:.2f} "
-                     f"| {r['batch32_ms']:.1f} | {r['batch32_images_per_s']:.0f} |")
+        lines.append(f"| {r['intra_op_threads']} | {r['allow_spinning']} | "
+                     f"{r.get('head_threads', r['intra_op_threads'])} | {r.get('head_workers', 1)} | "
+                     f"{r['batch1_p50_ms']:.2f} | {r['batch32_ms']:.1f} | "
+                     f"{r['batch32_images_per_s']:.0f} |")
     lines += ["", "Targets (issue 5):", ""]
     for t in result["targets"]:
         lines.append(f"- {'PASS' if t['ok'] else 'FAIL'}: {t['name']}: {t['detail']}")

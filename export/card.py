@@ -78,9 +78,13 @@ def _settings(cfg: dict) -> list[str]:
         f"- Clustifier: `{cfg['clustifier']['name']}` (replace {list(cfg['clustifier']['replace'])}, "
         f"mid ×{cfg['clustifier']['mid_ratio']}), {co['epochs']} epochs on cached trunk features, "
         f"distilled from the original's cluster mass (α {co['distill']}, T {co['temperature']}).",
-        f"- Head family: {family}; {ho['epochs']} epochs each on their cluster's images (cached trunk "
-        f"features, one-cell shifts + mirrored copies), distilled from the original (α "
-        f"{ho['distill']}, T {ho['temperature']}); per cluster the cheapest head within "
+        f"- Head family: {family}; {ho['epochs']} epochs each on their cluster's images"
+        + (f" plus {cfg.get('head_negatives', 0):g}× as many of other clusters (distillation only)"
+           if cfg.get("head_negatives", 0) else "")
+        + f" (cached trunk features, one-cell shifts + mirrored copies), distilled from the "
+        f"original (α {ho['distill']}, T {ho['temperature']}"
+        + (f", logit matching β {ho['logit_match']:g}" if ho.get("logit_match", 0) else "")
+        + "); per cluster the cheapest head within "
         f"{100 * cfg['head_tolerance']:.1f} points of the best on the calibration split is kept.",
     ]
 
@@ -152,7 +156,7 @@ def render_card(m: Manifest, run_dir: Path | None = None) -> str:
                          f" | `{candidates['chosen'][ci]}` |")
     lines += ["", "## τ sweep", "",
               f"On the {t.val_images} validation images, through the serving runner and activator "
-              f"(ranking `{m.activator.ranking}`, weighting `{m.activator.weighting}`). `#n`: "
+              f"(ranking `{m.activator.ranking}`, weighting `{m.activator.weighting}`, combination `{m.activator.combination}`). `#n`: "
               "images that ran exactly n heads (paper 002, Table 2); Acc. Gain: top-1 minus the "
               "original's; CC. Save: FLOP saving against the original; true cluster run: images "
               "whose class's head ran.", "", *sweep_table(m.tau_sweep, m.num_clusters, default), "",

@@ -98,7 +98,8 @@ def export_run(run: Run, out_dir: Path, *, parity_images: int = 32) -> Manifest:
         clusters=cluster_entries,
         clustifier_confusion=confusion["calib"]["confusion"],
         activator=ActivatorSpec(default_tau=cfg.package.default_tau, ranking=cfg.package.ranking,
-                                weighting=cfg.package.weighting, smoothing=cfg.package.smoothing),
+                                weighting=cfg.package.weighting, smoothing=cfg.package.smoothing,
+                                combination=cfg.package.combination),
         training=TrainingInfo(
             dataset=run.dataset.name, num_classes=run.dataset.num_classes,
             train_images=len(splits.train), calib_images=len(splits.calib),

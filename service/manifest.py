@@ -82,6 +82,9 @@ class ActivatorSpec(_Strict):
     default_tau: float = Field(ge=0.0, le=1.0)
     ranking: Literal["confusion", "probability"] = "confusion"
     weighting: Literal["confusion", "probability"] = "confusion"
+    combination: Literal["eq3", "joint"] = Field(
+        default="eq3", description="eq3: the paper's w_i × softmax(H_i); joint: one softmax over "
+        "the logits of all heads run (service.activator.combine).")
     smoothing: float = Field(default=1.0, ge=0.0)
     default_tau_reason: str = Field(default="", description="Why default_tau was chosen (from "
                                     "the τ sweep), for the model card and GET /v1/model.")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +122,8 @@ class PackageRunner:
         verify: bool = True,
         manifest: Manifest | None = None,
         io_binding: bool | None = None,
+        head_threads: int | None = None,
+        head_workers: int = 1,
     ) -> None:
         self.package_dir = Path(package_dir)
         self.manifest = manifest or load_manifest(self.package_dir, verify=verify)
@@ -133,20 +137,38 @@ class PackageRunner:
         options.add_session_config_entry("session.intra_op.allow_spinning",
                                          "1" if allow_spinning else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Heads are small (a few % of the original's FLOPs) and get a handful of images each in
+        # a batch; ``head_threads`` (default: intra_op_threads) and ``head_workers`` (heads of a
+        # batch run at once) let them run single-threaded side by side instead. Measured on
+        # 2 cores: within noise of the default (bench/README.md), so off by default.
+        head_options = ort.SessionOptions()
+        head_options.intra_op_num_threads = intra_op_threads if head_threads is None else head_threads
+        head_options.inter_op_num_threads = inter_op_threads
+        head_options.add_session_config_entry("session.intra_op.allow_spinning",
+                                              "1" if allow_spinning else "0")
+        head_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._sessions = {
-            role: _Session(self.package_dir / comp.file, comp, options, self.providers)
+            role: _Session(self.package_dir / comp.file, comp,
+                           head_options if role.startswith("head") else options, self.providers)
             for role, comp in m.components().items()
         }
         # IOBinding (default: on when the trunk runs on CUDA): the trunk's features stay on the
         # GPU and feed the clustifier and the heads there; only the small logits come back.
         self.io_binding = (self._sessions["trunk"].device == "cuda" if io_binding is None
                            else io_binding)
+        # A pool for running several heads of one batch at once (CPU path only: on a GPU the
+        # heads share one device and IOBinding keeps their inputs there).
+        self._head_pool: ThreadPoolExecutor | None = None
+        if head_workers > 1 and not self.io_binding:
+            self._head_pool = ThreadPoolExecutor(head_workers, thread_name_prefix="cpcnn-heads")
+            weakref.finalize(self, self._head_pool.shutdown, wait=False)
         self.activator = Activator(
             np.asarray(m.clustifier_confusion),
             ranking=m.activator.ranking,
             weighting=m.activator.weighting,
             smoothing=m.activator.smoothing,
         )
+        self.combination = m.activator.combination
         self.clusters = m.cluster_members
         self.num_classes = len(m.class_names)
         self.head_flops = [c.head.flops for c in m.clusters]
@@ -200,12 +222,13 @@ class PackageRunner:
         cluster_probs = softmax(cluster_logits, axis=1)  # (N, K)
         activations = [self.activator.select(p, float(t)) for p, t in zip(cluster_probs, taus, strict=True)]
         t3 = time.perf_counter()
-        head_probs = self._run_heads(features, activations)
+        head_logits = self._run_heads(features, activations)
         t4 = time.perf_counter()
         m = self.manifest
         predictions = []
         for i, act in enumerate(activations):
-            scores = combine(act, head_probs[i], self.clusters, self.num_classes)
+            scores = combine(act, head_logits[i], self.clusters, self.num_classes,
+                             self.combination)
             heads = sum(self.head_flops[h] for h in act.heads)
             flops = Flops(trunk=m.trunk.flops, clustifier=m.clustifier.flops, heads=heads,
                           original=m.original.flops, total=m.shared_flops() + heads)
@@ -214,9 +237,14 @@ class PackageRunner:
         return BatchResult(predictions, {"activator": t3 - t2, "heads": t4 - t3,
                                          "combine": t5 - t4})
 
+    def head_logits(self, head: int, features: np.ndarray) -> np.ndarray:
+        """One head's logits (N, |cluster|) on host trunk features: for diagnostics (every head on
+        every image, whatever the activator would pick)."""
+        return self._sessions[f"head{head}"](features)
+
     def _run_heads(self, features: np.ndarray | ort.OrtValue,
                    activations: list[Activation]) -> list[dict[int, np.ndarray]]:
-        """Run each head once on just the images routed to it; per image, head → softmax.
+        """Run each head once on just the images routed to it; per image, head → its logits.
 
         ``features`` is a host array, or with IOBinding an ``OrtValue`` on the device: a head that
         takes the whole batch reads it in place; a subset is gathered from one host copy.
@@ -225,23 +253,25 @@ class PackageRunner:
         for i, act in enumerate(activations):
             for h in act.heads:
                 routed.setdefault(h, []).append(i)
-        out: list[dict[int, np.ndarray]] = [{} for _ in activations]
+        groups = sorted(routed.items())
         host = features if isinstance(features, np.ndarray) else None
-        for h, idx in sorted(routed.items()):
+        if host is None and any(len(idx) < len(activations) for _, idx in groups):
+            host = features.numpy()  # (N, C', H', W'), once per batch
+
+        def run_head(group: tuple[int, list[int]]) -> np.ndarray:
+            h, idx = group
             session = self._sessions[f"head{h}"]
-            if len(idx) == len(activations):
-                batch = features
-            else:
-                if host is None:
-                    host = features.numpy()  # (N, C', H', W'), once per batch
-                batch = host[idx]
-            if self.io_binding:
-                logits = session.run_bound(batch).numpy()
-            else:
-                logits = session(batch)
-            probs = softmax(logits, axis=1)
+            batch = features if len(idx) == len(activations) else host[idx]
+            return session.run_bound(batch).numpy() if self.io_binding else session(batch)
+
+        if self._head_pool is not None and len(groups) > 1:
+            results = list(self._head_pool.map(run_head, groups))
+        else:
+            results = [run_head(g) for g in groups]
+        out: list[dict[int, np.ndarray]] = [{} for _ in activations]
+        for (h, idx), logits in zip(groups, results, strict=True):
             for row, i in enumerate(idx):
-                out[i][h] = probs[row]
+                out[i][h] = logits[row]
         return out
 
     # -- baseline path ----------------------------------------------------------------------

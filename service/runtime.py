@@ -160,6 +160,8 @@ class InferenceService:
                 providers=s.providers or None,
                 intra_op_threads=s.intra_op_threads,
                 inter_op_threads=s.inter_op_threads,
+                head_threads=s.head_threads,
+                head_workers=s.head_workers,
                 allow_spinning=s.allow_spinning,
                 verify=s.verify_checksums,
                 io_binding=s.io_binding,

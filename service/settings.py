@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(default=0, ge=0, description="ORT intra-op threads (0: ORT's default).")
     inter_op_threads: int = Field(default=1, ge=0, description="ORT inter-op threads.")
+    head_threads: int | None = Field(
+        default=None, ge=0, description="ORT intra-op threads of each head session; unset: "
+        "CPCNN_INTRA_OP_THREADS (measured choices in bench/README.md).")
+    head_workers: int = Field(
+        default=1, ge=1, description="Heads of one batch run at once on the CPU (1: one after "
+        "another); with CPCNN_HEAD_THREADS=1 the small heads can share the cores side by side.")
     allow_spinning: bool = Field(
         default=False, description="Let ORT intra-op threads spin between ops. Off by default: "
         "on 2 cores, spinning threads of the idle sessions starve the running one (batch 32 "

@@ -122,16 +122,65 @@ def test_bad_inputs_rejected():
 def test_combine_eq3():
     clusters = [[0, 3], [1], [2, 4]]
     act = Activation(heads=(2, 0), weights=(0.75, 0.25))
-    scores = combine(act, {2: np.array([0.9, 0.1]), 0: np.array([0.4, 0.6])}, clusters, 5)
+    # Heads give logits; log-probabilities are logits whose softmax is exactly those probabilities.
+    logits = {2: np.log([0.9, 0.1]), 0: np.log([0.4, 0.6])}
+    scores = combine(act, logits, clusters, 5)
     np.testing.assert_allclose(scores, [0.1, 0.0, 0.675, 0.15, 0.075])
     assert scores.sum() == pytest.approx(1.0)
+
+
+def test_combine_eq3_ignores_a_shift_of_one_heads_logits():
+    clusters = [[0, 1], [2, 3]]
+    act = Activation(heads=(0, 1), weights=(0.6, 0.4))
+    base = {0: np.array([1.0, 2.0]), 1: np.array([0.5, -1.0])}
+    shifted = {0: base[0] + 7.0, 1: base[1]}
+    np.testing.assert_allclose(combine(act, base, clusters, 4), combine(act, shifted, clusters, 4))
 
 
 def test_combine_overlapping_clusters_add_up():
     clusters = [[0, 1], [1, 2]]
     act = Activation(heads=(0, 1), weights=(0.5, 0.5))
-    scores = combine(act, {0: np.array([0.2, 0.8]), 1: np.array([0.6, 0.4])}, clusters, 3)
+    scores = combine(act, {0: np.log([0.2, 0.8]), 1: np.log([0.6, 0.4])}, clusters, 3)
     np.testing.assert_allclose(scores, [0.1, 0.7, 0.2])
+
+
+def test_combine_joint_is_one_softmax_over_the_heads_logits_plus_log_weights():
+    clusters = [[0, 3], [1], [2, 4]]
+    act = Activation(heads=(2, 0), weights=(0.75, 0.25))
+    logits = {2: np.array([1.0, -1.0]), 0: np.array([3.0, 0.0])}
+    scores = combine(act, logits, clusters, 5, "joint")
+    z = np.array([0.25 * np.exp(3.0), 0.75 * np.exp(1.0), 0.25 * np.exp(0.0), 0.75 * np.exp(-1.0)])
+    np.testing.assert_allclose(scores[[0, 2, 3, 4]], z / z.sum())  # classes 0, 2, 3, 4
+    assert scores[1] == 0.0  # head 1 not run
+    # Unlike Eq. 3, a head's own evidence counts: head 0's large logit beats head 2's weight.
+    assert scores.argmax() == 0
+    assert combine(act, logits, clusters, 5, "eq3").argmax() == 2
+
+
+def test_combine_joint_with_every_head_and_equal_weights_is_the_full_softmax():
+    """Heads that are the original's logits restricted to their cluster reproduce the original."""
+    rng = np.random.default_rng(0)
+    full = rng.normal(size=7) * 3
+    clusters = [[0, 4], [1, 2, 6], [3, 5]]
+    act = Activation(heads=(1, 0, 2), weights=(1 / 3, 1 / 3, 1 / 3))
+    scores = combine(act, {i: full[m] for i, m in enumerate(clusters)}, clusters, 7, "joint")
+    np.testing.assert_allclose(scores, softmax(full))
+
+
+def test_combine_joint_gives_a_zero_weight_head_no_score():
+    clusters = [[0], [1]]
+    act = Activation(heads=(0, 1), weights=(1.0, 0.0))
+    scores = combine(act, {0: np.array([0.0]), 1: np.array([50.0])}, clusters, 2, "joint")
+    np.testing.assert_allclose(scores, [1.0, 0.0])
+
+
+def test_combine_joint_overlap_adds_up_and_rejects_unknown_modes():
+    clusters = [[0, 1], [1, 2]]
+    act = Activation(heads=(0, 1), weights=(0.5, 0.5))
+    logits = {0: np.array([0.0, 0.0]), 1: np.array([0.0, 0.0])}
+    np.testing.assert_allclose(combine(act, logits, clusters, 3, "joint"), [0.25, 0.5, 0.25])
+    with pytest.raises(ValueError, match="combination"):
+        combine(act, logits, clusters, 3, "mean")
 
 
 def test_select_batch_matches_select():

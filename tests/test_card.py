@@ -48,6 +48,14 @@ def test_no_tau_close_enough_falls_back_to_the_most_accurate_that_saves_and_says
     assert "fewer FLOPs than the original" in reason
 
 
+def test_fallback_treats_top1_within_a_tenth_of_a_point_as_a_tie_and_takes_the_cheaper():
+    rows = [row(0.6, 0.4865, 0.301), row(0.7, 0.4875, 0.275), row(0.8, 0.4873, 0.231),
+            row(0.9, 0.4880, 0.140)]
+    tau, reason = choose_default_tau(rows, ORIGINAL_TOP1, max_top1_loss=0.01)
+    assert tau == 0.7  # 0.9 is 0.05 point better (a tie) but saves 13 points less; 0.6 is 0.15 below
+    assert "within 0.1 point" in reason
+
+
 def test_when_nothing_saves_the_cheapest_tau_is_the_default():
     rows = [row(0.0, 0.40, -0.05), row(1.0, 0.45, -0.50)]
     tau, reason = choose_default_tau(rows, ORIGINAL_TOP1, max_top1_loss=0.01)

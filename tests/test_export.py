@@ -23,7 +23,8 @@ def model():
 
 
 @pytest.mark.parametrize("arch", [HeadArch("original"), HeadArch("b", ("bottleneck",), 0.5),
-                                  HeadArch("c", ("compression",), 0.5)])
+                                  HeadArch("c", ("compression",), 0.5),
+                                  HeadArch("p", ("pruned", "pruned"), 0.5)])
 def test_trunk_and_heads_match_pytorch(tmp_path, model, arch):
     trunk = build_trunk(model, "layer1")
     real = torch.randn(5, 3, 32, 32)
@@ -56,6 +57,48 @@ def test_original_head_reproduces_original_model(model):
     with torch.no_grad():
         np.testing.assert_allclose(head(build_trunk(model, "layer2")(x)), model(x)[:, [1, 5, 6]],
                                    atol=1e-5)
+
+
+def test_pruned_head_at_full_width_is_the_original_and_narrower_is_cheaper(model):
+    """A pruned stage keeps the original's weights: at ratio 1 the head is the original
+    restricted to its classes; halving the inner width cuts the tail's conv FLOPs."""
+    from training.pipeline import module_flops
+
+    x = torch.randn(4, 3, 32, 32)
+    feats = build_trunk(model, "layer1")(x)
+    full = HeadNet(model, "layer1", HeadArch("p", ("pruned", "pruned"), 1.0), 3, [1, 5, 6]).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(full(feats), model(x)[:, [1, 5, 6]], atol=1e-5)
+    half = HeadNet(model, "layer1", HeadArch("p", ("pruned", "pruned"), 0.5), 3, [1, 5, 6]).eval()
+    shape = tuple(feats.shape[1:])
+    assert module_flops(half, shape) < 0.7 * module_flops(full, shape)
+    # The block outputs keep the original's channels: only the inner width shrank.
+    assert half.body[-1][0].conv1[0].out_channels == 16  # layer3 of width 8 has 32 channels
+    assert half.body[-1][0].conv2[0].out_channels == 32
+
+
+def test_pruning_keeps_the_largest_filters(model):
+    from training.models.heads import prune_stage
+
+    stage = model.layer3
+    pruned = prune_stage(stage, 0.25)
+    conv1, bn1 = stage[0].conv1
+    importance = conv1.weight.abs().sum((1, 2, 3)) * (bn1.weight / (bn1.running_var + bn1.eps).sqrt()).abs()
+    kept = pruned[0].conv1[0].weight
+    expected = conv1.weight[torch.sort(torch.topk(importance, kept.shape[0]).indices).values]
+    torch.testing.assert_close(kept, expected)
+
+
+def test_pretrained_clustifier_starts_as_the_originals_cluster_mass(model):
+    """With pruned (here: full-width) stages a clustifier pools the original's class softmax."""
+    groups = [[0, 1, 2], [3, 4], [5, 6]]
+    x = torch.randn(6, 3, 32, 32)
+    net = HeadNet(model, "layer1", HeadArch("c", ("pruned", "pruned"), 1.0), 3, groups=groups).eval()
+    with torch.no_grad():
+        out = net(build_trunk(model, "layer1")(x))
+        p = torch.softmax(model(x), 1)
+    expected = torch.stack([p[:, g].sum(1) for g in groups], 1)
+    torch.testing.assert_close(torch.softmax(out, 1), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_parity_failure_raises(tmp_path, model):

@@ -89,3 +89,53 @@ def test_rerun_skips_finished_stages(synthetic_run, caplog):
     caplog.set_level("INFO")
     synthetic_run.run()
     assert caplog.text.count("already done") == len(STAGES)
+
+
+def test_pruned_heads_and_joint_combination_end_to_end(synthetic_run, tmp_path):
+    """The Tiny-ImageNet recipe on the synthetic data: clustifier and heads pruned from the
+    original's tail, heads distilled with logit matching on their own and other clusters' images
+    (negatives), joint combination. It reuses the
+    fixture's original, similarity and clusters, and runs the later stages through the sweep."""
+    import shutil
+
+    from training.config import load_config
+    from training.pipeline import Run
+
+    from tests.conftest import ROOT, TEST_OVERRIDES
+
+    run_dir = tmp_path / "pruned-run"
+    run_dir.mkdir()
+    for name in ("original.pt", "similarity.npz", "clusters.json"):
+        shutil.copy(synthetic_run.dir / name, run_dir / name)
+    overrides = [o for o in TEST_OVERRIDES if not o.startswith("head_family")] + [
+        f'run_dir="{run_dir}"', f'package.out_dir="{run_dir / "package"}"',
+        'clustifier={name="clustifier-pruned", replace=["pruned", "pruned"], mid_ratio=0.5}',
+        'head_family=[{name="pruned", replace=["pruned", "pruned"], mid_ratio=0.5}]',
+        "head_optim.logit_match=0.1", "head_negatives=0.5", 'package.combination="joint"',
+        'package.weighting="probability"', 'package.ranking="probability"',
+    ]
+    run = Run(load_config(ROOT / "configs" / "synthetic.toml", overrides))
+    run.run()
+    m = load_manifest(run.package_dir())
+    assert m.activator.combination == "joint"
+    assert {c.head.architecture for c in m.clusters} == {"pruned"}
+    assert m.clustifier.flops < m.original.flops - m.trunk.flops  # pruned: cheaper than the tail
+    assert all(c.head.flops < m.original.flops - m.trunk.flops for c in m.clusters)
+    last = m.tau_sweep[-1]  # τ = 1: every head, one softmax over all their logits
+    assert last.top1 >= m.training.original_accuracy.top1 - 0.1
+
+
+def test_diagnose_compares_the_heads_with_the_original_as_heads(synthetic_run):
+    """training.diagnose: with the original restricted to each cluster as heads, τ = 0 is right
+    only where the clustifier is; with one head both combination rules agree."""
+    from training.diagnose import diagnose, markdown
+
+    report = diagnose(synthetic_run.dir, synthetic_run.package_dir(), [0.0, 1.0])
+    first, last = report["rows"]
+    assert first["mean_heads"] == 1.0 and last["mean_heads"] == len(synthetic_run.load_clusters())
+    assert first["original_eq3"] == first["original_joint"]  # one head: both rules agree
+    assert first["package_eq3"] == first["package_joint"]
+    assert first["original_eq3"] <= report["clustifier_accuracy"] + 1e-12
+    top = report["clustifier_top_k"]
+    assert report["clustifier_accuracy"] <= top[2] <= top[3] <= top[4] <= 1.0
+    assert "| 0 | 1.00 |" in markdown(report)

@@ -49,3 +49,22 @@ def test_route_on_shared_outputs_is_run(images):
         for a, b in zip(direct.predictions, routed.predictions, strict=True):
             assert a.activation == b.activation and a.flops == b.flops
             np.testing.assert_array_equal(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.95, 1.0])
+def test_heads_run_at_once_give_the_same_predictions(images, tau):
+    """Several heads of a batch on the head pool or one after another (the default): every
+    image gets the same heads, weights and scores."""
+    pooled = PackageRunner(SHIPPED_PACKAGE, verify=False, head_workers=2, head_threads=1)
+    serial = PackageRunner(SHIPPED_PACKAGE, verify=False)  # the default: one head after another
+    assert pooled._head_pool is not None and serial._head_pool is None  # noqa: SLF001
+    a, b = pooled.run(images, tau), serial.run(images, tau)
+    assert len({h for p in a.predictions for h in p.activation.heads}) > 1  # several groups ran
+    for pa, pb in zip(a.predictions, b.predictions, strict=True):
+        assert pa.activation == pb.activation and pa.flops == pb.flops
+        np.testing.assert_allclose(pa.scores, pb.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_head_pool_is_off_with_io_binding():
+    runner = PackageRunner(SHIPPED_PACKAGE, verify=False, io_binding=True, head_workers=2)
+    assert runner._head_pool is None  # noqa: SLF001

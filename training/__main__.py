@@ -1,6 +1,8 @@
 """CLI: ``python -m training run --config configs/synthetic.toml [--set key=value ...]``.
 
 Runs the staged pipeline (see ``training.pipeline``); every stage resumes from its artifacts.
+``python -m training import-original --config C --onnx PKG/original.onnx`` fills stage 1 from a
+shipped package instead of retraining the original (hours on a CPU).
 """
 
 from __future__ import annotations
@@ -24,10 +26,19 @@ def main(argv: list[str] | None = None) -> int:
                      help=f"comma-separated subset of {','.join(STAGES)}")
     run.add_argument("--force", action="store_true", help="redo the given stages")
     run.add_argument("--log-level", default="INFO")
+    imp = sub.add_parser("import-original",
+                         help="stage 1 from an exported original.onnx (skips training the original)")
+    imp.add_argument("--config", help="TOML file whose [model] matches the graph")
+    imp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    imp.add_argument("--onnx", required=True, help="path to original.onnx, e.g. models/<name>/original.onnx")
+    imp.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.command == "import-original":
+            Run(cfg).import_original(args.onnx)
+            return 0
         stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
         Run(cfg).run(stages, force=args.force)
     except (ValueError, FileNotFoundError) as e:

@@ -28,6 +28,7 @@ class OptimConfig:
     label_smoothing: float = 0.1  # cross-entropy label smoothing
     distill: float = 0.0  # weight of the distillation loss from the original model (0 = off)
     temperature: float = 4.0  # distillation temperature
+    logit_match: float = 0.0  # weight of MSE(student logits, teacher logits): keeps a head's logits on the original's scale, so heads can be compared (combination = "joint")
     augment: bool = True  # random crop (reflect pad 4 px / 8 % of the side) + horizontal flip
     progressive: list[int] = field(default_factory=list)  # input side for each of the first epochs (progressive resizing); later epochs use the full size
 
@@ -52,6 +53,7 @@ class PackageConfig:
     max_top1_loss: float = 0.01  # ... as the biggest FLOP saving within this top-1 loss
     ranking: str = "confusion"  # activator cluster ranking: confusion (paper) | probability
     weighting: str = "confusion"  # activator weights: confusion (paper, Eq. 3) | probability
+    combination: str = "eq3"  # head scores: eq3 (paper) | joint (one softmax over the heads' logits)
     smoothing: float = 1.0  # Laplace smoothing of the clustifier confusion counts
     sweep_taus: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0])
     opset: int = 17  # ONNX opset
@@ -86,6 +88,7 @@ class RunConfig:
     head_family: list[HeadArch] = field(default_factory=_default_family)
     head_optim: OptimConfig = field(default_factory=lambda: OptimConfig(distill=0.5))
     head_tolerance: float = 0.01  # pick the cheapest head within this accuracy of the best
+    head_negatives: float = 0.0  # images of other clusters per member image a head also trains on (distillation only): teaches it the original's low logits off its cluster
     package: PackageConfig = field(default_factory=PackageConfig)
 
 

@@ -61,16 +61,32 @@ def feature_transform(cfg: OptimConfig) -> Transform:
     return transform
 
 
+IGNORE = -100  # label of a sample with no class among the outputs (trained by distillation only)
+
+
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None,
             cfg: OptimConfig) -> torch.Tensor:
-    """(1 − α)·CE(label-smoothed) + α·T²·KL(teacher_T ‖ student_T), α = cfg.distill."""
-    ce = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-    if teacher is None or cfg.distill <= 0:
+    """(1 − α)·CE(label-smoothed) + α·T²·KL(teacher_T ‖ student_T) + β·MSE(student, teacher).
+
+    α = cfg.distill, β = cfg.logit_match. Labels equal to ``IGNORE`` get no cross-entropy. KL only matches each head's softmax, which is blind to a
+    shift of all its logits; the MSE term pins the logits themselves to the original's, so the
+    logits of different heads stay comparable (what a joint softmax over heads needs).
+    """
+    labelled = labels != IGNORE
+    # Samples labelled IGNORE (a head's negatives) only learn from the teacher.
+    ce = F.cross_entropy(logits[labelled], labels[labelled], label_smoothing=cfg.label_smoothing) \
+        if bool(labelled.any()) else logits.sum() * 0.0
+    if teacher is None:
         return ce
-    t = cfg.temperature
-    kd = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher / t, dim=1),
-                  reduction="batchmean", log_target=True) * t * t
-    return (1 - cfg.distill) * ce + cfg.distill * kd
+    loss = ce
+    if cfg.distill > 0:
+        t = cfg.temperature
+        kd = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                      reduction="batchmean", log_target=True) * t * t
+        loss = (1 - cfg.distill) * ce + cfg.distill * kd
+    if cfg.logit_match > 0:
+        loss = loss + cfg.logit_match * F.mse_loss(logits, teacher)
+    return loss
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -125,7 +141,7 @@ def fit(
             m.eval()
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)  # resumable, reproducible order
         order = torch.randperm(n, generator=gen)[:per_epoch]
-        seen, correct, loss_sum = 0, 0, 0.0
+        seen, seen_labelled, correct, loss_sum = 0, 0, 0, 0.0
         bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False)
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -137,13 +153,16 @@ def fit(
             loss.backward()
             opt.step()
             sched.step()
+            labelled = y != IGNORE
             seen += len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            seen_labelled += int(labelled.sum())
+            correct += int(((logits.argmax(1) == y) & labelled).sum())
             loss_sum += float(loss.detach()) * len(y)
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}",
+                                acc=f"{correct / max(seen_labelled, 1):.3f}")
         logger.info("%s epoch %d/%d: loss %.4f, train acc %.4f", desc, epoch + 1, cfg.epochs,
-                    loss_sum / max(seen, 1), correct / max(seen, 1))
+                    loss_sum / max(seen, 1), correct / max(seen_labelled, 1))
         tmp = checkpoint.with_suffix(".tmp")
         torch.save({"model": module.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "epoch": epoch + 1}, tmp)

@@ -72,6 +72,9 @@ def evaluate_tau(runner: PackageRunner, images: np.ndarray, labels: np.ndarray, 
     )
 
 
+TOP1_TIE = 0.001  # top-1 differences below 0.1 point (10 of 10,000 images) count as ties
+
+
 def choose_default_tau(rows: Sequence[SweepRow], original_top1: float,
                        max_top1_loss: float) -> tuple[float, str]:
     """The τ to serve by default, and why: the largest FLOP saving whose top-1 is at most
@@ -94,8 +97,13 @@ def choose_default_tau(rows: Sequence[SweepRow], original_top1: float,
             "no gain (see the sweep table).")
     saving = [r for r in rows if r.flop_saving > 0]
     if saving:
-        best = max(saving, key=lambda r: (round(r.top1, 9), round(r.flop_saving, 9)))
-        why = "the most accurate one that still spends fewer FLOPs than the original"
+        # Within TOP1_TIE of the most accurate, top-1 differences are a handful of images:
+        # take the cheapest of those rather than pay FLOPs for noise.
+        top = max(r.top1 for r in saving)
+        best = max((r for r in saving if r.top1 >= top - TOP1_TIE),
+                   key=lambda r: (round(r.flop_saving, 9), -r.tau))
+        why = (f"the one that saves the most FLOPs among those within {100 * TOP1_TIE:g} point "
+               "of the most accurate τ that still spends fewer FLOPs than the original")
     else:
         best = max(rows, key=lambda r: (round(r.flop_saving, 9), -r.tau))
         why = "none saves FLOPs either, so this is the cheapest"
@@ -172,11 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("package_dir", type=Path)
     parser.add_argument("--ranking", choices=("confusion", "probability"))
     parser.add_argument("--weighting", choices=("confusion", "probability"))
+    parser.add_argument("--combination", choices=("eq3", "joint"))
     parser.add_argument("--taus", default="0,0.5,0.7,0.8,0.9,0.95,1")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     m = load_manifest(args.package_dir)
-    options = {k: v for k, v in (("ranking", args.ranking), ("weighting", args.weighting)) if v}
+    options = {k: v for k, v in (("ranking", args.ranking), ("weighting", args.weighting),
+                                 ("combination", args.combination)) if v}
     manifest = m.model_copy(update={"activator": m.activator.model_copy(update=options)})
     runner = PackageRunner(args.package_dir, manifest=manifest)
     images, labels = validation_split(m)
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [evaluate_tau(runner, images, labels, float(t), original_top1, shared=shared)
             for t in args.taus.split(",")]
     sys.stdout.write(f"ranking {manifest.activator.ranking}, weighting "
-                     f"{manifest.activator.weighting}; original top-1 {100 * original_top1:.2f}%\n\n"
+                     f"{manifest.activator.weighting}, combination {manifest.activator.combination}; original top-1 {100 * original_top1:.2f}%\n\n"
                      + "\n".join(sweep_table(rows, m.num_clusters, m.activator.default_tau)) + "\n")
     return 0
 

@@ -143,8 +143,9 @@ class Run:
             return tuple(self.load_trunk()(torch.zeros(1, 3, s, s)).shape[1:])
 
     def load_clustifier(self) -> HeadNet:
-        k = len(self.load_clusters())
-        net = HeadNet(self.load_original(), self.cfg.split_after, self.cfg.clustifier, k)
+        clusters = self.load_clusters()
+        net = HeadNet(self.load_original(), self.cfg.split_after, self.cfg.clustifier, len(clusters),
+                      groups=clusters)
         net.load_state_dict(torch.load(self.dir / "clustifier.pt", map_location="cpu"))
         return net.eval()
 
@@ -199,6 +200,33 @@ class Run:
         logger.info("original model: val top-1 %.4f, top-5 %.4f", acc["top1"], acc["top5"])
         torch.save({"model_cfg": model.cfg.to_dict(), "state_dict": model.state_dict(),
                     "val_accuracy": acc}, self.dir / "original.pt")
+
+    def import_original(self, onnx_path: str | Path, stat_images: int = 4096) -> None:
+        """Stage 1 from a shipped ``original.onnx`` instead of training (hours on a CPU).
+
+        BN statistics are measured on ``stat_images`` training images; parity with ONNX Runtime
+        and the validation accuracy are checked and recorded as stage_original records them.
+        """
+        from training.onnx_import import import_original, max_abs_difference
+        images, _ = self.part("train")
+        rng = np.random.default_rng(self.cfg.seed)
+        pick = np.sort(rng.choice(len(images), size=min(stat_images, len(images)), replace=False))
+        batches = (to_tensor(torch.from_numpy(images[pick[i:i + 256]]), self.cfg.mean, self.cfg.std)
+                   for i in range(0, len(pick), 256))
+        model = import_original(onnx_path, self.model_cfg, batches)
+        val_images, val_labels = self.part("val")
+        probe = to_tensor(torch.from_numpy(val_images[:64]), self.cfg.mean, self.cfg.std)
+        diff = max_abs_difference(model, onnx_path, probe)
+        if diff > 1e-3:
+            raise ValueError(f"imported model differs from {onnx_path} by {diff:.2e} in the logits; "
+                             "the config's [model] does not describe this graph")
+        logits = predict(model, val_images, desc="original val", **self.norm)
+        acc = {"top1": topk_accuracy(logits, val_labels, 1), "top5": topk_accuracy(logits, val_labels, 5)}
+        logger.info("imported original (max |Δlogit| vs ONNX %.1e): val top-1 %.4f, top-5 %.4f",
+                    diff, acc["top1"], acc["top5"])
+        self.save_config()
+        torch.save({"model_cfg": model.cfg.to_dict(), "state_dict": model.state_dict(),
+                    "val_accuracy": acc, "imported_from": str(onnx_path)}, self.dir / "original.pt")
 
     def stage_similarity(self) -> None:
         """2. Class similarity from the original's softmax on the calibration split."""
@@ -299,7 +327,8 @@ class Run:
         """5. Clustifier: trunk features → cluster, distilled from the original's cluster mass."""
         clusters = self.load_clusters()
         k = len(clusters)
-        net = HeadNet(self.load_original(), self.cfg.split_after, self.cfg.clustifier, k)
+        net = HeadNet(self.load_original(), self.cfg.split_after, self.cfg.clustifier, k,
+                      groups=clusters)
         to_cluster = np.zeros(self.dataset.num_classes, dtype=np.int64)
         assign = torch.zeros(self.dataset.num_classes, k)  # class → cluster membership (C, K)
         for i, members in enumerate(clusters):
@@ -335,9 +364,19 @@ class Run:
             local = {c: j for j, c in enumerate(members)}
             sel = np.isin(labels, members)
             cal_sel = np.isin(cal_labels, members)
-            y = np.array([local[c] for c in labels[sel]], dtype=np.int64)
             cal_y = np.array([local[c] for c in cal_labels[cal_sel]], dtype=np.int64)
-            rows = torch.from_numpy(np.nonzero(sel)[0])
+            rows_np = np.nonzero(sel)[0]
+            # Negatives: images of other clusters, label -100 (ignored by the cross-entropy), so a
+            # head learns only the original's logits there: low ones for its classes. Without
+            # them a head never sees a non-member and its logits off-cluster are arbitrary.
+            n_neg = int(round(self.cfg.head_negatives * len(rows_np)))
+            if n_neg:
+                rng = np.random.default_rng(self.cfg.seed + 200 + ci)
+                others = np.nonzero(~sel)[0]
+                rows_np = np.sort(np.concatenate(
+                    [rows_np, rng.choice(others, size=min(n_neg, len(others)), replace=False)]))
+            y = np.array([local.get(int(c), -100) for c in labels[rows_np]], dtype=np.int64)
+            rows = torch.from_numpy(rows_np)
             head_feats = feats[rows]  # (n_c, C', H', W') float16
             head_teacher = teacher_logits[rows][:, members]  # (n_c, |cluster|)
             candidates = []

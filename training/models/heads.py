@@ -6,6 +6,11 @@ counting from the last stage backwards, by one cheaper block each:
 * ``bottleneck`` block: (1×1, m) → (3×3, m, stride s) → (1×1, c_out)
 * ``compression`` block (the paper's bottleneck-compression): (3×3, m, stride s) → (1×1, 2m) → (3×3, m)
   — it also narrows the output to m channels, which shrinks the classifier too.
+* ``pruned`` stage (departure from the paper): the original stage itself with the inner width of
+  every basic block cut to m, keeping the filters with the largest L1 norm (Li et al., "Pruning
+  Filters for Efficient ConvNets", 2017). It keeps the residual stream and starts from the
+  original's weights, so a cheap head begins close to the original restricted to its cluster
+  instead of from scratch — what a few CPU epochs cannot teach a from-scratch head.
 
 ``original`` stages are copies of the original model's stages and start from its weights, and
 when the last stage is kept the classifier starts from the original's rows for the head's classes,
@@ -22,9 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from training.models.resnet import ResNet, conv_bn, init_weights
+from training.models.resnet import BasicBlock, ResNet, conv_bn, init_weights
 
-BLOCK_KINDS = ("original", "bottleneck", "compression")
+BLOCK_KINDS = ("original", "bottleneck", "compression", "pruned")
+PRETRAINED_KINDS = ("original", "pruned")  # kinds that start from the original's weights
 
 
 @dataclass(frozen=True)
@@ -71,11 +77,62 @@ class Compression(nn.Module):
         return self.act(self.body(x) + self.shortcut(x))
 
 
+def prune_stage(stage: nn.Sequential, mid_ratio: float) -> nn.Sequential:
+    """A copy of ``stage`` whose basic blocks keep ``mid_ratio`` of their inner filters.
+
+    Filters are ranked by the L1 norm of conv1's weight times its BN scale (the filter's
+    effective size); conv1/BN1 keep those rows, conv2 keeps those input channels. Shortcuts and
+    block outputs are untouched, so the stage still reads and writes the original's channels.
+    """
+    blocks = []
+    for block in stage:
+        if not isinstance(block, BasicBlock):
+            raise ValueError(f"pruned stages need basic blocks, got {type(block).__name__}")
+        conv1, bn1 = block.conv1[0], block.conv1[1]
+        width = conv1.out_channels
+        mid = max(8, int(round(mid_ratio * width)))
+        scale = (bn1.weight / torch.sqrt(bn1.running_var + bn1.eps)).abs()  # (width,)
+        importance = conv1.weight.abs().sum(dim=(1, 2, 3)) * scale
+        keep = torch.sort(torch.topk(importance, min(mid, width)).indices).values
+        new = BasicBlock(conv1.in_channels, block.conv2[0].out_channels, conv1.stride[0], mid=len(keep))
+        with torch.no_grad():
+            new.conv1[0].weight.copy_(conv1.weight[keep])
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(new.conv1[1], name).copy_(getattr(bn1, name)[keep])
+            new.conv2[0].weight.copy_(block.conv2[0].weight[:, keep])
+            new.conv2[1].load_state_dict(block.conv2[1].state_dict())
+            new.shortcut = copy.deepcopy(block.shortcut)
+        blocks.append(new)
+    return nn.Sequential(*blocks)
+
+
+class ClusterPool(nn.Module):
+    """Class logits (B, C) → cluster log-probabilities (B, K): log Σ_{c ∈ cluster} softmax_c.
+
+    A clustifier built on the original's tail and classifier starts out as the original's own
+    cluster prediction (its probability mass on each cluster), then is trained for clusters.
+    """
+
+    def __init__(self, groups: list[list[int]], num_classes: int) -> None:
+        super().__init__()
+        assign = torch.zeros(num_classes, len(groups))  # (C, K) membership
+        for k, members in enumerate(groups):
+            assign[members, k] = 1.0
+        self.register_buffer("assign", assign / assign.sum(1, keepdim=True).clamp_min(1.0))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.log(torch.softmax(logits, dim=1) @ self.assign + 1e-8)
+
+
 class HeadNet(nn.Module):
-    """Tail stages (original or replaced) → global average pool → linear over ``num_outputs``."""
+    """Tail stages (original, pruned or replaced) → global average pool → linear over ``num_outputs``.
+
+    ``classes``: a head's member classes (its classifier starts from those rows of the original's).
+    ``groups``: a clustifier's clusters; with a pretrained last stage it outputs cluster
+    log-probabilities through ``ClusterPool`` (softmax of them is the cluster probability)."""
 
     def __init__(self, original: ResNet, split_after: str, arch: HeadArch, num_outputs: int,
-                 classes: list[int] | None = None) -> None:
+                 classes: list[int] | None = None, groups: list[list[int]] | None = None) -> None:
         super().__init__()
         first = original.split_index(split_after)
         tail = original.stages()[first:]
@@ -94,11 +151,11 @@ class HeadNet(nn.Module):
         for k, stage, kind in zip(range(first, first + len(tail)), tail, kinds, strict=True):
             c_stage = channels[k - 1]
             stride = 1 if k == 1 else 2
-            if kind == "original":
+            if kind in PRETRAINED_KINDS:
                 if c_in != stage_in(k):
-                    raise ValueError(f"head {arch.name!r}: an original stage cannot follow a "
+                    raise ValueError(f"head {arch.name!r}: an {kind} stage cannot follow a "
                                      "compression block (channel counts differ)")
-                block = copy.deepcopy(stage)
+                block = copy.deepcopy(stage) if kind == "original" else prune_stage(stage, arch.mid_ratio)
                 c_out = c_stage
             else:
                 mid = max(8, int(round(arch.mid_ratio * c_stage)))
@@ -115,13 +172,21 @@ class HeadNet(nn.Module):
         self.kinds = kinds
         self.body = nn.Sequential(*blocks)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(c_in, num_outputs)
+        pretrained = kinds[-1] in PRETRAINED_KINDS
+        # A clustifier (``groups``) on a pretrained tail keeps the original's 200-way classifier
+        # and pools it into clusters; otherwise the classifier has one row per output.
+        self.cluster_pool = ClusterPool(groups, original.cfg.num_classes) \
+            if groups is not None and pretrained else None
+        rows = original.cfg.num_classes if self.cluster_pool is not None else num_outputs
+        self.fc = nn.Linear(c_in, rows)
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
-        if kinds[-1] == "original" and classes is not None:
-            with torch.no_grad():  # start from the original classifier restricted to the cluster
-                self.fc.weight.copy_(original.fc.weight[classes])
-                self.fc.bias.copy_(original.fc.bias[classes])
+        if pretrained and (classes is not None or self.cluster_pool is not None):
+            keep = classes if classes is not None else list(range(rows))
+            with torch.no_grad():  # start from the original classifier (restricted to the cluster)
+                self.fc.weight.copy_(original.fc.weight[keep])
+                self.fc.bias.copy_(original.fc.bias[keep])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.body(features)))  # (B, num_outputs)
+        logits = self.fc(self.pool(self.body(features)))  # (B, rows)
+        return logits if self.cluster_pool is None else self.cluster_pool(logits)  # (B, outputs)

@@ -43,12 +43,16 @@ def conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Sequentia
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with an identity (or 1x1 projection) shortcut."""
+    """Two 3x3 convs with an identity (or 1x1 projection) shortcut.
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+    ``mid`` (default ``c_out``) is the width between the two convs; a pruned copy narrows it.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, mid: int | None = None) -> None:
         super().__init__()
-        self.conv1 = conv_bn(c_in, c_out, 3, stride)
-        self.conv2 = conv_bn(c_out, c_out, 3)
+        mid = mid or c_out
+        self.conv1 = conv_bn(c_in, mid, 3, stride)
+        self.conv2 = conv_bn(mid, c_out, 3)
         self.shortcut = (
             conv_bn(c_in, c_out, 1, stride) if stride != 1 or c_in != c_out else nn.Identity()
         )
