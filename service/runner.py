@@ -74,6 +74,18 @@ def normalize(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
+def _session_options(intra_op: int, inter_op: int, allow_spinning: bool) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op
+    options.inter_op_num_threads = inter_op
+    # Spinning threads answer the next op sooner but burn CPU between runs; with several
+    # sessions and a decoder sharing few cores that can cost more than it saves (bench/).
+    options.add_session_config_entry("session.intra_op.allow_spinning",
+                                     "1" if allow_spinning else "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
 def default_providers() -> list[str]:
     """CUDA when this onnxruntime build has it, else CPU."""
     available = ort.get_available_providers()
@@ -129,24 +141,13 @@ class PackageRunner:
         self.manifest = manifest or load_manifest(self.package_dir, verify=verify)
         m = self.manifest
         self.providers = list(providers) if providers else default_providers()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = inter_op_threads
-        # Spinning threads answer the next op sooner but burn CPU between runs; with several
-        # sessions and a decoder sharing few cores that can cost more than it saves (bench/).
-        options.add_session_config_entry("session.intra_op.allow_spinning",
-                                         "1" if allow_spinning else "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = _session_options(intra_op_threads, inter_op_threads, allow_spinning)
         # Heads are small (a few % of the original's FLOPs) and get a handful of images each in
         # a batch; ``head_threads`` (default: intra_op_threads) and ``head_workers`` (heads of a
         # batch run at once) let them run single-threaded side by side instead. Measured on
         # 2 cores: within noise of the default (bench/README.md), so off by default.
-        head_options = ort.SessionOptions()
-        head_options.intra_op_num_threads = intra_op_threads if head_threads is None else head_threads
-        head_options.inter_op_num_threads = inter_op_threads
-        head_options.add_session_config_entry("session.intra_op.allow_spinning",
-                                              "1" if allow_spinning else "0")
-        head_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        head_options = _session_options(intra_op_threads if head_threads is None else head_threads,
+                                        inter_op_threads, allow_spinning)
         self._sessions = {
             role: _Session(self.package_dir / comp.file, comp,
                            head_options if role.startswith("head") else options, self.providers)

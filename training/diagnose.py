@@ -24,25 +24,22 @@ from pathlib import Path
 
 import numpy as np
 
-from service.activator import Activator, combine, softmax
+from service.activator import Activation, Activator, combine, softmax
 from service.manifest import load_manifest
 from service.runner import PackageRunner, normalize
 
 logger = logging.getLogger(__name__)
 
 
-def top1_at(activator: Activator, cluster_probs: np.ndarray, head_logits: list[np.ndarray],
-            clusters: list[list[int]], labels: np.ndarray, tau: float, combination: str,
-            num_classes: int) -> tuple[float, float]:
-    """Top-1 and mean heads run at ``tau``; ``head_logits[k]`` is (N, |cluster k|) for every image."""
-    right, heads = 0, 0
-    for i, probs in enumerate(cluster_probs):
-        act = activator.select(probs, tau)
-        heads += len(act.heads)
+def top1(activations: list[Activation], head_logits: list[np.ndarray], clusters: list[list[int]],
+         labels: np.ndarray, combination: str, num_classes: int) -> float:
+    """Top-1 of the activator's choices; ``head_logits[k]`` is (N, |cluster k|) for every image."""
+    right = 0
+    for i, act in enumerate(activations):
         scores = combine(act, {h: head_logits[h][i] for h in act.heads}, clusters, num_classes,
                          combination)
         right += int(np.argmax(scores) == labels[i])
-    return right / len(labels), heads / len(labels)
+    return right / len(labels)
 
 
 def diagnose(run_dir: Path, package_dir: Path, taus: list[float]) -> dict:
@@ -75,13 +72,13 @@ def diagnose(run_dir: Path, package_dir: Path, taus: list[float]) -> dict:
                           weighting=a.weighting, smoothing=a.smoothing)
     rows = []
     for tau in taus:
-        row: dict = {"tau": tau}
+        activations = activator.select_batch(probs, tau)  # once per τ, shared by all four rows
+        row: dict = {"tau": tau,
+                     "mean_heads": float(np.mean([len(a.heads) for a in activations]))}
         for name, head_logits in (("package", package_heads), ("original", original_heads)):
             for combination in ("eq3", "joint"):
-                top1, mean_heads = top1_at(activator, probs, head_logits, clusters, labels, tau,
-                                           combination, num_classes)
-                row[f"{name}_{combination}"] = top1
-                row["mean_heads"] = mean_heads
+                row[f"{name}_{combination}"] = top1(activations, head_logits, clusters, labels,
+                                                    combination, num_classes)
         rows.append(row)
         logger.info("τ=%.2f %s", tau, {k: round(v, 4) for k, v in row.items()})
     return {

@@ -68,9 +68,10 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | 
             cfg: OptimConfig) -> torch.Tensor:
     """(1 − α)·CE(label-smoothed) + α·T²·KL(teacher_T ‖ student_T) + β·MSE(student, teacher).
 
-    α = cfg.distill, β = cfg.logit_match. Labels equal to ``IGNORE`` get no cross-entropy. KL only matches each head's softmax, which is blind to a
-    shift of all its logits; the MSE term pins the logits themselves to the original's, so the
-    logits of different heads stay comparable (what a joint softmax over heads needs).
+    α = cfg.distill, β = cfg.logit_match; labels equal to ``IGNORE`` get no cross-entropy. KL only
+    matches each head's softmax, which is blind to a shift of all its logits; the MSE term pins the
+    logits themselves to the original's, so the logits of different heads stay comparable (what a
+    joint softmax over heads needs).
     """
     labelled = labels != IGNORE
     # Samples labelled IGNORE (a head's negatives) only learn from the teacher.

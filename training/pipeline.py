@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from training.clustering import linkage_clusters, spectral_clusters
 from training.config import RunConfig, config_from_dict, config_to_dict
 from training.data import ImageSet, Splits, load_dataset, split_dataset, to_tensor
-from training.engine import feature_transform, fit, image_transform, predict, topk_accuracy
+from training.engine import IGNORE, feature_transform, fit, image_transform, predict, topk_accuracy
 from training.models.heads import HeadNet
 from training.models.resnet import ResNet, ResNetConfig, Trunk, build_trunk
 from training.similarity import class_similarity, confusion_matrix
@@ -194,12 +194,16 @@ class Run:
         fit(model, lambda x, idx: (model(x), None), torch.from_numpy(images), labels, cfg.original,
             transform=image_transform(cfg.original, cfg.mean, cfg.std, cfg.data.image_size),
             checkpoint=self.dir / "original.ckpt.pt", seed=cfg.seed, desc="original")
+        self._save_original(model)
+
+    def _save_original(self, model: ResNet, **extra: str) -> None:
+        """Stage 1's artifact: the model with its validation accuracy (trained or imported)."""
         val_images, val_labels = self.part("val")
         logits = predict(model, val_images, desc="original val", **self.norm)
         acc = {"top1": topk_accuracy(logits, val_labels, 1), "top5": topk_accuracy(logits, val_labels, 5)}
         logger.info("original model: val top-1 %.4f, top-5 %.4f", acc["top1"], acc["top5"])
         torch.save({"model_cfg": model.cfg.to_dict(), "state_dict": model.state_dict(),
-                    "val_accuracy": acc}, self.dir / "original.pt")
+                    "val_accuracy": acc, **extra}, self.dir / "original.pt")
 
     def import_original(self, onnx_path: str | Path, stat_images: int = 4096) -> None:
         """Stage 1 from a shipped ``original.onnx`` instead of training (hours on a CPU).
@@ -214,19 +218,15 @@ class Run:
         batches = (to_tensor(torch.from_numpy(images[pick[i:i + 256]]), self.cfg.mean, self.cfg.std)
                    for i in range(0, len(pick), 256))
         model = import_original(onnx_path, self.model_cfg, batches)
-        val_images, val_labels = self.part("val")
+        val_images, _ = self.part("val")
         probe = to_tensor(torch.from_numpy(val_images[:64]), self.cfg.mean, self.cfg.std)
         diff = max_abs_difference(model, onnx_path, probe)
         if diff > 1e-3:
             raise ValueError(f"imported model differs from {onnx_path} by {diff:.2e} in the logits; "
                              "the config's [model] does not describe this graph")
-        logits = predict(model, val_images, desc="original val", **self.norm)
-        acc = {"top1": topk_accuracy(logits, val_labels, 1), "top5": topk_accuracy(logits, val_labels, 5)}
-        logger.info("imported original (max |Δlogit| vs ONNX %.1e): val top-1 %.4f, top-5 %.4f",
-                    diff, acc["top1"], acc["top5"])
+        logger.info("imported %s: max |Δlogit| vs ONNX Runtime %.1e", onnx_path, diff)
         self.save_config()
-        torch.save({"model_cfg": model.cfg.to_dict(), "state_dict": model.state_dict(),
-                    "val_accuracy": acc, "imported_from": str(onnx_path)}, self.dir / "original.pt")
+        self._save_original(model, imported_from=str(onnx_path))
 
     def stage_similarity(self) -> None:
         """2. Class similarity from the original's softmax on the calibration split."""
@@ -366,7 +366,7 @@ class Run:
             cal_sel = np.isin(cal_labels, members)
             cal_y = np.array([local[c] for c in cal_labels[cal_sel]], dtype=np.int64)
             rows_np = np.nonzero(sel)[0]
-            # Negatives: images of other clusters, label -100 (ignored by the cross-entropy), so a
+            # Negatives: images of other clusters, label IGNORE (no cross-entropy), so a
             # head learns only the original's logits there: low ones for its classes. Without
             # them a head never sees a non-member and its logits off-cluster are arbitrary.
             n_neg = int(round(self.cfg.head_negatives * len(rows_np)))
@@ -375,7 +375,7 @@ class Run:
                 others = np.nonzero(~sel)[0]
                 rows_np = np.sort(np.concatenate(
                     [rows_np, rng.choice(others, size=min(n_neg, len(others)), replace=False)]))
-            y = np.array([local.get(int(c), -100) for c in labels[rows_np]], dtype=np.int64)
+            y = np.array([local.get(int(c), IGNORE) for c in labels[rows_np]], dtype=np.int64)
             rows = torch.from_numpy(rows_np)
             head_feats = feats[rows]  # (n_c, C', H', W') float16
             head_teacher = teacher_logits[rows][:, members]  # (n_c, |cluster|)
