@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from service.runner import PackageRunner  # noqa: E402
 from service.settings import default_model_dir  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+MODES = ("conditional", "original")
 
 
 # -- the machine ---------------------------------------------------------------------------------
@@ -82,7 +84,12 @@ def encode_png(images: np.ndarray) -> list[bytes]:
 
 # -- a served model ------------------------------------------------------------------------------
 class Server:
-    def __init__(self, model_dir: Path, env: dict[str, str]) -> None:
+    """A uvicorn child process serving ``model_dir`` with ``CPCNN_*`` settings ``env``; an idle
+    one costs no CPU (ORT threads do not spin), so several can be up at once and be compared
+    request by request."""
+
+    def __init__(self, model_dir: Path, env: dict[str, str], **settings: bool) -> None:
+        self.settings = settings  # what the result rows record about this server
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         full = child_env(CPCNN_MODEL_DIR=str(model_dir), CPCNN_LOG_LEVEL="WARNING", **env)
@@ -150,71 +157,85 @@ def server_total_ms(server_timing: str) -> float:
     return float("nan")
 
 
-async def drive(base: str, bodies: list[bytes], mode: str, concurrency: int,
-                seconds: float) -> dict:
-    """Closed loop: ``concurrency`` clients send one image per request until time is up."""
-    latencies: list[float] = []
-    server_ms: list[float] = []
-    flops: list[float] = []
-    savings: list[float] = []
-    errors = 0
-    host, port = base.removeprefix("http://").split(":")
-    path = f"/classify?top_k=5&mode={mode}"
+async def drive(targets: Sequence[tuple[Server, str]], bodies: list[bytes], concurrency: int,
+                seconds: float) -> list[dict]:
+    """Closed loop: ``concurrency`` clients send one image per request until time is up.
 
-    async def client(worker: int, stop_at: float, conn: Connection) -> None:
-        nonlocal errors
+    ``targets`` are (server, mode) pairs. With several, each client alternates between them
+    request by request, so they are measured side by side (a noisy neighbour hits them alike);
+    one cell per target comes back, its throughput counted over the shared time.
+    """
+    cells = [{"latencies": [], "server_ms": [], "flops": [], "savings": [], "errors": 0}
+             for _ in targets]
+    n = len(targets)
+
+    async def client(worker: int, stop_at: float, conns: list[Connection]) -> None:
         i = worker
         while time.perf_counter() < stop_at:
-            body = bodies[i % len(bodies)]
+            body = bodies[(i // n) % len(bodies)]  # each target sees the same images
+            k = i % n
+            cell, path = cells[k], f"/classify?top_k=5&mode={targets[k][1]}"
             i += concurrency
             t0 = time.perf_counter()
-            status, headers, payload = await conn.post(path, body, "image/png")
+            status, headers, payload = await conns[k].post(path, body, "image/png")
             dt = time.perf_counter() - t0
             if status != 200:
-                errors += 1
+                cell["errors"] += 1
                 continue
-            latencies.append(dt)
-            server_ms.append(server_total_ms(headers.get("server-timing", "")))
+            cell["latencies"].append(dt)
+            cell["server_ms"].append(server_total_ms(headers.get("server-timing", "")))
             f = json.loads(payload)["results"][0]["flops"]
-            flops.append(f["total"])
-            savings.append(f["saving"])
+            cell["flops"].append(f["total"])
+            cell["savings"].append(f["saving"])
 
-    conns = [Connection(host, int(port)) for _ in range(concurrency)]
+    conns = [[Connection("127.0.0.1", server.port) for server, _ in targets]
+             for _ in range(concurrency)]
     try:
         warm_until = time.perf_counter() + min(2.0, seconds / 4)  # warm-up, not recorded
         await asyncio.gather(*(client(w, warm_until, conns[w]) for w in range(concurrency)))
-        for values in (latencies, server_ms, flops, savings):
-            values.clear()
+        for cell in cells:
+            for values in (cell["latencies"], cell["server_ms"], cell["flops"], cell["savings"]):
+                values.clear()
         t0 = time.perf_counter()
         await asyncio.gather(*(client(w, t0 + seconds, conns[w]) for w in range(concurrency)))
         elapsed = time.perf_counter() - t0
     finally:
-        for conn in conns:
+        for conn in (c for per_client in conns for c in per_client):
             await conn.close()
-    lat = np.array(latencies)
-    return {"mode": mode, "concurrency": concurrency, "requests": len(lat), "errors": errors,
-            "throughput_rps": len(lat) / elapsed,
-            "p50_ms": 1e3 * float(np.percentile(lat, 50)), "p95_ms": 1e3 * float(np.percentile(lat, 95)),
+    out = []
+    for (server, mode), cell in zip(targets, cells, strict=True):
+        lat = np.array(cell["latencies"])
+        out.append({
+            **server.settings, "mode": mode, "concurrency": concurrency, "requests": len(lat),
+            "errors": cell["errors"], "throughput_rps": len(lat) / elapsed,
+            "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+            "p95_ms": 1e3 * float(np.percentile(lat, 95)),
             "p99_ms": 1e3 * float(np.percentile(lat, 99)),
-            "server_p50_ms": float(np.nanmedian(server_ms)), "mean_flops": float(np.mean(flops)),
-            "flop_saving": float(np.mean(savings))}
+            "server_p50_ms": float(np.nanmedian(cell["server_ms"])),
+            "mean_flops": float(np.mean(cell["flops"])),
+            "flop_saving": float(np.mean(cell["savings"])),
+            "interleaved": n > 1})
+    return out
 
 
 # -- raw compute in-process -------------------------------------------------------------------------
-def time_runner(runner: PackageRunner, images: np.ndarray, mode: str, tau: float,
-                repeats: int = 3) -> dict:
-    """Median latency of the package runner on single images (no HTTP, no decoding)."""
-    fn = (lambda x: runner.run_original(x)) if mode == "original" else (lambda x: runner.run(x, tau))
+def time_runner(runner: PackageRunner, images: np.ndarray, tau: float,
+                repeats: int = 3) -> list[dict]:
+    """Median latency of the package runner on single images (no HTTP, no decoding), the
+    conditional path and the original alternating image by image."""
+    fns = {"conditional": lambda x: runner.run(x, tau), "original": runner.run_original}
     for img in images[:8]:
-        fn(img[None])
-    times = []
+        for fn in fns.values():
+            fn(img[None])
+    times: dict[str, list[float]] = {mode: [] for mode in fns}
     for _ in range(repeats):
         for img in images:
-            t0 = time.perf_counter()
-            fn(img[None])
-            times.append(time.perf_counter() - t0)
-    return {"mode": mode, "p50_ms": 1e3 * statistics.median(times),
-            "p95_ms": 1e3 * float(np.percentile(times, 95))}
+            for mode, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(img[None])
+                times[mode].append(time.perf_counter() - t0)
+    return [{"mode": mode, "p50_ms": 1e3 * statistics.median(t),
+             "p95_ms": 1e3 * float(np.percentile(t, 95))} for mode, t in times.items()]
 
 
 def _time_configs(model_dir: Path, configs: list[dict], images: np.ndarray, tau: float,
@@ -255,6 +276,42 @@ def thread_settings(model_dir: Path, images: np.ndarray, tau: float, rounds: int
     return rows + _time_configs(model_dir, quiet, images, tau, rounds)
 
 
+def session_costs(model_dir: Path, rounds: int = 5) -> list[dict]:
+    """Each kind of ONNX session alone (trunk, clustifier, one head, the original) at batch 1 and
+    32 with 1 and 2 intra-op threads, interleaved round by round: what one FLOP costs in time in a
+    small session against a large one, i.e. how much of the FLOP saving can become time."""
+    from service.runner import _session_options
+
+    manifest = load_manifest(model_dir, verify=False)
+    parts = {role: c for role, c in manifest.components().items()
+             if role in ("trunk", "clustifier", "head0", "original")}
+    rng = np.random.default_rng(0)
+    cells = []  # (role, threads, batch, session, feed, times)
+    for role, comp in parts.items():
+        for threads in (1, 2):
+            session = ort.InferenceSession(str(model_dir / comp.file),
+                                           sess_options=_session_options(threads, 1, False),
+                                           providers=["CPUExecutionProvider"])
+            for batch in (1, 32):
+                shape = [batch, *comp.input_shape[1:]]
+                feed = {comp.input_name: rng.standard_normal(shape).astype(np.float32)}
+                session.run(None, feed)
+                cells.append((role, threads, batch, session, feed, []))
+    for _ in range(rounds):
+        for _role, _threads, batch, session, feed, times in cells:
+            for _ in range(40 if batch == 1 else 2):
+                t0 = time.perf_counter()
+                session.run(None, feed)
+                times.append(time.perf_counter() - t0)
+    out = []
+    for role, threads, batch, _session, _feed, times in cells:
+        ms = 1e3 * statistics.median(times)
+        out.append({"session": role, "threads": threads, "batch": batch, "p50_ms": ms,
+                    "mflops_per_image": parts[role].flops / 1e6,
+                    "gflops_per_s": parts[role].flops * batch / (ms * 1e6)})
+    return out
+
+
 # -- report ----------------------------------------------------------------------------------------
 def markdown(result: dict) -> str:
     m, lines = result["machine"], []
@@ -264,11 +321,19 @@ def markdown(result: dict) -> str:
               f"τ = {result['tau']}; {result['seconds']} s per cell; one image (PNG, "
               f"{result['image_size']} px) per request; {result['images']} validation images.", "",
               "Latency is measured by the client (send to last byte); 'server p50' is the server's "
-              "own time (`Server-Timing: total`, request body read to response built).", "",
+              "own time (`Server-Timing: total`, request body read to response built). ⇄: one "
+              "client alternated over all the ⇄ rows request by request, three servers up at "
+              "once (side by side, twice the time of a cell); 'not inline': "
+              "`CPCNN_INLINE_WHEN_IDLE=false` (every model run in a worker thread).",
+              "",
               "| batching | mode | concurrency | requests | throughput (req/s) | p50 ms | p95 ms | p99 ms | server p50 ms | mean MFLOPs | FLOP saving |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["served"]:
-        lines.append(f"| {'on' if r['batching'] else 'off'} | {r['mode']} | {r['concurrency']} | "
+        batching = "on" if r["batching"] else "off"
+        if not r.get("inline_when_idle", True):
+            batching += ", not inline"
+        lines.append(f"| {batching} | {r['mode']}{' ⇄' if r.get('interleaved') else ''} | "
+                     f"{r['concurrency']} | "
                      f"{r['requests']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.2f} | "
                      f"{r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_p50_ms']:.2f} | "
                      f"{r['mean_flops'] / 1e6:.2f} | "
@@ -285,6 +350,18 @@ def markdown(result: dict) -> str:
                      f"{r.get('head_threads', r['intra_op_threads'])} | {r.get('head_workers', 1)} | "
                      f"{r['batch1_p50_ms']:.2f} | {r['batch32_ms']:.1f} | "
                      f"{r['batch32_images_per_s']:.0f} |")
+    if result.get("sessions"):
+        lines += ["", "Each ONNX session alone (in-process, interleaved; FLOPs from the manifest):", "",
+                  "| session | MFLOPs/image | threads | batch 1 ms | batch 1 GFLOP/s | batch 32 ms | batch 32 GFLOP/s |",
+                  "|---|---|---|---|---|---|---|"]
+        rows = {(r["session"], r["threads"], r["batch"]): r for r in result["sessions"]}
+        for (name, threads, batch), r in rows.items():
+            if batch != 1:
+                continue
+            big = rows[(name, threads, 32)]
+            lines.append(f"| {name} | {r['mflops_per_image']:.1f} | {threads} | {r['p50_ms']:.3f} | "
+                         f"{r['gflops_per_s']:.0f} | {big['p50_ms']:.2f} | "
+                         f"{big['gflops_per_s']:.0f} |")
     lines += ["", "Targets (issue 5):", ""]
     for t in result["targets"]:
         lines.append(f"- {'PASS' if t['ok'] else 'FAIL'}: {t['name']}: {t['detail']}")
@@ -294,7 +371,7 @@ def markdown(result: dict) -> str:
 def targets(result: dict) -> list[dict]:
     def cell(batching: bool, mode: str, c: int) -> dict | None:
         return next((r for r in result["served"] if r["batching"] == batching and r["mode"] == mode
-                     and r["concurrency"] == c), None)
+                     and r["concurrency"] == c and r.get("inline_when_idle", True)), None)
 
     out = []
     cond, orig = cell(True, "conditional", 1), cell(True, "original", 1)
@@ -309,7 +386,9 @@ def targets(result: dict) -> list[dict]:
         out.append({"name": "server p50 ≤ 1.3 × raw ORT compute at c=1 (stretch 1.15)",
                     "ok": cond["p50_ms"] <= 1.3 * raw["p50_ms"],
                     "detail": f"{cond['p50_ms']:.2f} ms vs raw {raw['p50_ms']:.2f} ms = "
-                              f"{cond['p50_ms'] / raw['p50_ms']:.2f}×"})
+                              f"{cond['p50_ms'] / raw['p50_ms']:.2f}× (the server's own time, "
+                              f"Server-Timing: {cond['server_p50_ms']:.2f} ms = "
+                              f"{cond['server_p50_ms'] / raw['p50_ms']:.2f}×)"})
     c_max = max(result["concurrency"])
     on, off = cell(True, "conditional", c_max), cell(False, "conditional", c_max)
     if on and off:
@@ -340,21 +419,35 @@ def main() -> int:
                     "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "seconds": args.seconds, "concurrency": levels, "images": len(images),
                     "image_size": manifest.input.size, "served": []}
-    for batching in (True, False):
-        server = Server(model_dir, {"CPCNN_BATCHING": str(batching).lower(), "CPCNN_TAU": str(tau),
-                                    "CPCNN_MAX_BATCH_DELAY_MS": args.max_batch_delay_ms})
-        try:
-            for mode in ("conditional", "original"):
-                for c in levels:
-                    r = asyncio.run(drive(server.base, bodies, mode, c, args.seconds))
-                    r["batching"] = batching
+    # Three servers up at once: the default (batching on), batching off, and batching on with every
+    # model run in a worker thread (CPCNN_INLINE_WHEN_IDLE=false). At c=1 one client alternates
+    # over all (server, mode) pairs request by request, so the c=1 figures the targets compare
+    # are measured side by side; at higher concurrency each (server, mode) has the machine alone.
+    servers: list[Server] = []
+    try:
+        for batching, inline in ((True, True), (False, True), (True, False)):
+            servers.append(Server(
+                model_dir, {"CPCNN_BATCHING": str(batching).lower(), "CPCNN_TAU": str(tau),
+                            "CPCNN_MAX_BATCH_DELAY_MS": args.max_batch_delay_ms,
+                            "CPCNN_INLINE_WHEN_IDLE": str(inline).lower()},
+                batching=batching, inline_when_idle=inline))
+        for c in levels:
+            if c == 1:
+                runs = [[(server, mode) for server in servers for mode in MODES]]
+            else:  # the inline switch only matters for a request alone
+                runs = [[(server, mode)] for server in servers[:2] for mode in MODES]
+            for targets_ in runs:
+                seconds = args.seconds * (2 if len(targets_) > 1 else 1)
+                for r in asyncio.run(drive(targets_, bodies, c, seconds)):
                     print(json.dumps(r))
                     result["served"].append(r)
-        finally:
+    finally:
+        for server in servers:
             server.close()
     runner = PackageRunner(model_dir, verify=False)
-    result["raw"] = [time_runner(runner, images, mode, tau) for mode in ("conditional", "original")]
+    result["raw"] = time_runner(runner, images, tau)
     result["threads"] = thread_settings(model_dir, images, tau)
+    result["sessions"] = session_costs(model_dir)
     result["targets"] = targets(result)
     RESULTS.mkdir(parents=True, exist_ok=True)
     gpu = "gpu" if result["machine"]["gpu"] else "cpu"

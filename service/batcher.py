@@ -66,6 +66,7 @@ class MicroBatcher:
         self._arriving = arriving
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
+        self._running = False  # a batch taken from the queue has not finished yet
 
     def start(self) -> None:
         if self._worker is None:
@@ -80,6 +81,11 @@ class MicroBatcher:
         with contextlib.suppress(asyncio.CancelledError):
             await self._worker
         self._worker = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch running: a request now would run alone."""
+        return not self._running and self._queue.empty()
 
     async def submit(self, images: np.ndarray, tau: float, key: Hashable) -> BatchSlice:
         """Queue one request's images; resolves when its batch has run."""
@@ -109,6 +115,7 @@ class MicroBatcher:
     async def _loop(self) -> None:
         while True:
             batch = await self._collect()
+            self._running = True
             try:
                 groups: dict[Hashable, list[_Pending]] = {}
                 for p in batch:
@@ -117,6 +124,7 @@ class MicroBatcher:
                 for key, group in groups.items():
                     await self._run(group, key)
             finally:
+                self._running = False
                 for _ in batch:
                     self._queue.task_done()
 

@@ -49,10 +49,10 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(default=1, ge=0, description="ORT inter-op threads.")
     head_threads: int | None = Field(
         default=None, ge=0, description="ORT intra-op threads of each head session; unset: "
-        "CPCNN_INTRA_OP_THREADS (measured choices in bench/README.md).")
+        "the intra-op threads (or cores) divided among CPCNN_HEAD_WORKERS (bench/README.md).")
     head_workers: int = Field(
-        default=1, ge=1, description="Heads of one batch run at once on the CPU (1: one after "
-        "another); with CPCNN_HEAD_THREADS=1 the small heads can share the cores side by side.")
+        default=2, ge=1, description="Heads of one batch run at once on the CPU (1: one after "
+        "another on every core); the small heads share the cores side by side.")
     allow_spinning: bool = Field(
         default=False, description="Let ORT intra-op threads spin between ops. Off by default: "
         "on 2 cores, spinning threads of the idle sessions starve the running one (batch 32 "
@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     inference_concurrency: int = Field(
         default=1, ge=1, description="Inference calls allowed to run at once (worker threads)."
     )
+    inline_when_idle: bool = Field(
+        default=True, description="Run a small model run (at most 4 images) on the event loop "
+        "when no other request is in flight, instead of in a worker thread: the hop there and "
+        "back is ~0.3 ms of pure latency at concurrency 1 (bench/README.md). Under load runs "
+        "always go to a worker thread, so the loop keeps reading requests.")
     batching: bool = Field(
         default=True, description="Dynamic micro-batching of concurrent requests (false: each "
         "request runs alone).")

@@ -98,10 +98,9 @@ def test_pruned_heads_and_joint_combination_end_to_end(synthetic_run, tmp_path):
     fixture's original, similarity and clusters, and runs the later stages through the sweep."""
     import shutil
 
+    from tests.conftest import ROOT, TEST_OVERRIDES
     from training.config import load_config
     from training.pipeline import Run
-
-    from tests.conftest import ROOT, TEST_OVERRIDES
 
     run_dir = tmp_path / "pruned-run"
     run_dir.mkdir()

@@ -53,10 +53,10 @@ def test_route_on_shared_outputs_is_run(images):
 
 @pytest.mark.parametrize("tau", [0.0, 0.95, 1.0])
 def test_heads_run_at_once_give_the_same_predictions(images, tau):
-    """Several heads of a batch on the head pool or one after another (the default): every
+    """Several heads of a batch on the head pool (the default) or one after another: every
     image gets the same heads, weights and scores."""
-    pooled = PackageRunner(SHIPPED_PACKAGE, verify=False, head_workers=2, head_threads=1)
-    serial = PackageRunner(SHIPPED_PACKAGE, verify=False)  # the default: one head after another
+    pooled = PackageRunner(SHIPPED_PACKAGE, verify=False)  # the default: two heads at once
+    serial = PackageRunner(SHIPPED_PACKAGE, verify=False, head_workers=1)
     assert pooled._head_pool is not None and serial._head_pool is None  # noqa: SLF001
     a, b = pooled.run(images, tau), serial.run(images, tau)
     assert len({h for p in a.predictions for h in p.activation.heads}) > 1  # several groups ran
@@ -68,3 +68,15 @@ def test_heads_run_at_once_give_the_same_predictions(images, tau):
 def test_head_pool_is_off_with_io_binding():
     runner = PackageRunner(SHIPPED_PACKAGE, verify=False, io_binding=True, head_workers=2)
     assert runner._head_pool is None  # noqa: SLF001
+
+
+def test_head_threads_default_divides_the_cores_among_head_workers():
+    def head_threads(runner):
+        return runner._sessions["head0"].session.get_session_options().intra_op_num_threads  # noqa: SLF001
+
+    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=4)) == 2
+    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=1)) == 1
+    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=4,
+                                      head_workers=1)) == 4
+    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=4,
+                                      head_threads=3)) == 3

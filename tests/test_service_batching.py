@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 
 import httpx
 import numpy as np
@@ -146,3 +147,82 @@ def test_batching_off_runs_each_request_alone(synthetic_package):
     assert all(r.status_code == 200 for r in responses)
     assert registry.get_sample_value("cpcnn_batch_size_count", {"mode": "conditional"}) == 4
     assert registry.get_sample_value("cpcnn_batch_size_sum", {"mode": "conditional"}) == 8
+
+
+# -- where a run happens: on the event loop when alone and small, else in a worker thread ------
+def test_idle_only_with_nothing_queued_or_running():
+    running, release = threading.Event(), threading.Event()
+
+    def slow_run(key, images, taus):
+        running.set()
+        release.wait(5)
+        return fake_run([])(key, images, taus)
+
+    async def go():
+        batcher = MicroBatcher(slow_run, max_batch_size=8, max_delay=0.0)
+        batcher.start()
+        states = [batcher.idle]
+        pending = asyncio.get_running_loop().create_task(batcher.submit(img(1), 0.5, "c"))
+        await asyncio.sleep(0)
+        states.append(batcher.idle)  # queued
+        while not running.is_set():
+            await asyncio.sleep(0.001)
+        states.append(batcher.idle)  # running in its worker thread
+        release.set()
+        await pending
+        states.append(batcher.idle)
+        await batcher.stop()
+        return states
+
+    assert asyncio.run(go()) == [True, False, False, True]
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_lone_small_request_runs_on_the_loop_and_concurrent_ones_do_not(
+        synthetic_package, monkeypatch, batching):
+    from service.runtime import INLINE_RUN_MAX_IMAGES, InferenceService
+
+    runs = []  # (thread, images) of each model run
+    real = InferenceService._run_batch
+
+    def spy(key, batch, taus):
+        runs.append((threading.current_thread(), len(batch)))
+        return real(key, batch, taus)
+
+    monkeypatch.setattr(InferenceService, "_run_batch", staticmethod(spy))
+    blob = _png(np.full((32, 32, 3), 90, dtype=np.uint8))
+
+    async def scenario(app):
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=transport, base_url="http://test") as client:
+            runs.clear()
+            alone = await client.post("/classify", content=blob,
+                                      headers={"content-type": "image/png"})
+            lone_runs = list(runs)
+            big = await client.post("/classify", files=[("file", (f"{i}.png", blob, "image/png"))
+                                                         for i in range(INLINE_RUN_MAX_IMAGES + 1)])
+            big_runs = runs[len(lone_runs):]
+            together = await asyncio.gather(*(client.post(
+                "/classify", content=blob, headers={"content-type": "image/png"})
+                for _ in range(6)))
+            return alone, lone_runs, big, big_runs, together, runs[len(lone_runs) + len(big_runs):]
+
+    app = create_app(Settings(model_dir=synthetic_package, batching=batching),
+                     registry=CollectorRegistry())
+    alone, lone_runs, big, big_runs, together, concurrent_runs = asyncio.run(scenario(app))
+    loop_thread = threading.main_thread()
+    assert alone.status_code == big.status_code == 200
+    assert lone_runs == [(loop_thread, 1)]  # alone and small: on the loop, no thread hop
+    assert [t for t, _ in big_runs] != [loop_thread]  # too many images to hold the loop
+    assert all(r.status_code == 200 for r in together)
+    # Requests in flight together: their runs go to a worker thread.
+    assert concurrent_runs and all(t is not loop_thread for t, _ in concurrent_runs)
+    # Same answer either way.
+    top = {r.json()["results"][0]["predictions"][0]["index"] for r in [alone, *together]}
+    assert len(top) == 1
+
+    app = create_app(Settings(model_dir=synthetic_package, batching=batching,
+                              inline_when_idle=False), registry=CollectorRegistry())
+    alone, lone_runs, *_ = asyncio.run(scenario(app))
+    assert alone.status_code == 200 and lone_runs[0][0] is not loop_thread  # switched off
