@@ -69,10 +69,15 @@ def normalize(images: np.ndarray, spec: InputSpec) -> np.ndarray:
         raise ValueError(f"expected (N, H, W, 3) uint8 images, got {images.shape} {images.dtype}")
     if images.shape[1:3] != (spec.size, spec.size):
         raise ValueError(f"expected {spec.size}x{spec.size} images, got {images.shape[1:3]}")
-    x = images.astype(np.float32) * np.float32(1 / 255)
-    x -= np.asarray(spec.mean, dtype=np.float32)
-    x /= np.asarray(spec.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    # Transpose the uint8 pixels first (a quarter of the bytes), then one multiply-add per
+    # channel on contiguous memory: 0.28 ms for 32 images on 2 cores, against 3.8 ms for the
+    # same arithmetic done on the float array and transposed afterwards (bench/README.md).
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    x = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32)
+    x *= np.float32(1 / 255) / std
+    x -= mean / std
+    return x
 
 
 def _session_options(intra_op: int, inter_op: int, allow_spinning: bool) -> ort.SessionOptions:

@@ -80,3 +80,17 @@ def test_head_threads_default_divides_the_cores_among_head_workers():
                                       head_workers=1)) == 4
     assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=4,
                                       head_threads=3)) == 3
+
+
+def test_normalize_is_the_training_formula_in_nchw():
+    from service.manifest import InputSpec
+    from service.runner import normalize
+
+    spec = InputSpec(size=5, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3])
+    images = np.random.default_rng(0).integers(0, 256, (3, 5, 5, 3), dtype=np.uint8)
+    x = normalize(images, spec)
+    want = ((images / 255 - np.array(spec.mean)) / np.array(spec.std)).transpose(0, 3, 1, 2)
+    assert x.dtype == np.float32 and x.shape == (3, 3, 5, 5) and x.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(x, want, rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match="expected 5x5"):
+        normalize(images[:, :4], spec)
