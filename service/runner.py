@@ -152,7 +152,8 @@ class PackageRunner:
         # a batch: splitting each of their convs over every core gains little, so by default two
         # heads of a batch run at once (``head_workers``), the cores divided between them
         # (``head_threads``; 1 each on 2 cores). Measured on 2 cores against every head in turn
-        # on both cores: faster in 6 of 8 side-by-side runs, by up to 14% (bench/README.md).
+        # on both cores, 11 interleaved runs: batch 1 faster in 9 (up to 14%), equal in 2; batch
+        # 32 faster in 8, 2-5% slower in 3 (bench/README.md).
         if head_threads is None:
             head_threads = (intra_op_threads if head_workers <= 1 else
                             max(1, (intra_op_threads or os.cpu_count() or 1) // head_workers))

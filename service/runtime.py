@@ -5,7 +5,8 @@ ONNX Runtime session. Each request:
 
 1. takes the current (package, τ) once, together (a τ change or a hot reload applies to requests
    that start after it; a request in flight finishes on the package it started with),
-2. decodes and prepares its images in a worker thread (``service.decode``),
+2. decodes and prepares its images in a worker thread, or on the event loop when they are small
+   (``service.decode``),
 3. runs its images through the micro-batcher (``service.batcher``: concurrent requests share one
    model run) or, with batching off, through ``PackageRunner`` in a worker thread, limited to
    ``inference_concurrency`` calls at once; a small request while no other is in flight runs on
@@ -426,7 +427,7 @@ def check_tau(tau: float) -> float:
 # releases the GIL while decoding), so one big image never stalls the loop.
 INLINE_PREPARE_MAX_PIXELS = 128 * 128
 # A model run of at most this many images may run on the event loop when nothing else is in
-# flight (``inline_when_idle``): ~5 ms at most on 2 cores for the default model, so a request
+# flight (``inline_when_idle``): ~7 ms at most on 2 cores for the default model, so a request
 # that arrives meanwhile waits no longer than that before the loop reads it.
 INLINE_RUN_MAX_IMAGES = 4
 
