@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.activator import Activation, Activator, combine, softmax
+from service.activator import Activation, combine, softmax
 from service.manifest import load_manifest
-from service.runner import PackageRunner, normalize
+from service.runner import PackageRunner
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def top1(activations: list[Activation], head_logits: list[np.ndarray], clusters:
 
 def diagnose(run_dir: Path, package_dir: Path, taus: list[float]) -> dict:
     from training.engine import predict
+    from training.evaluate import shared_outputs
     from training.pipeline import Run
 
     run = Run.open(run_dir)
@@ -56,20 +57,14 @@ def diagnose(run_dir: Path, package_dir: Path, taus: list[float]) -> dict:
         to_cluster[members] = k
     original = predict(run.load_original(), images, desc="original", **run.norm)  # (N, C)
     runner = PackageRunner(package_dir, verify=False)
-    cluster_logits, heads = [], [[] for _ in clusters]
-    for start in range(0, len(images), 500):
-        features, logits = runner.shared(normalize(images[start:start + 500], m.input))
-        cluster_logits.append(logits)
-        for k in range(len(clusters)):
-            heads[k].append(runner.head_logits(k, features))
-    probs = softmax(np.concatenate(cluster_logits), axis=1)  # (N, K)
-    package_heads = [np.concatenate(h) for h in heads]
+    shared = shared_outputs(runner, images)  # per batch: trunk features, clustifier logits
+    probs = softmax(np.concatenate([logits for _, logits in shared]), axis=1)  # (N, K)
+    package_heads = [np.concatenate([runner.head_logits(k, features) for features, _ in shared])
+                     for k in range(len(clusters))]
     original_heads = [original[:, members] for members in clusters]
     truth = to_cluster[labels]
     ranked = np.argsort(-probs, axis=1)
-    a = m.activator
-    activator = Activator(np.asarray(m.clustifier_confusion), ranking=a.ranking,
-                          weighting=a.weighting, smoothing=a.smoothing)
+    a, activator = m.activator, runner.activator  # the serving activator, as the package sets it
     rows = []
     for tau in taus:
         activations = activator.select_batch(probs, tau)  # once per τ, shared by all four rows

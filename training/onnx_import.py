@@ -17,7 +17,6 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
@@ -120,14 +119,3 @@ def import_original(onnx_path: str | Path, cfg: ResNetConfig, images: Iterable[t
                 onnx_path, len(convs), count[convs[0]])
     return model
 
-
-def max_abs_difference(model: ResNet, onnx_path: str | Path, x: torch.Tensor) -> float:
-    """Largest |torch − ONNX Runtime| logit difference on ``x`` (the import's parity check)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    ref = session.run(None, {name: x.numpy()})[0]
-    with torch.no_grad():
-        out = model.eval()(x).numpy()
-    return float(np.abs(out - ref).max())

@@ -34,7 +34,7 @@ from training.clustering import linkage_clusters, spectral_clusters
 from training.config import RunConfig, config_from_dict, config_to_dict
 from training.data import ImageSet, Splits, load_dataset, split_dataset, to_tensor
 from training.engine import IGNORE, feature_transform, fit, image_transform, predict, topk_accuracy
-from training.models.heads import HeadNet
+from training.models.heads import ClusterPool, HeadNet
 from training.models.resnet import ResNet, ResNetConfig, Trunk, build_trunk
 from training.similarity import class_similarity, confusion_matrix
 
@@ -211,7 +211,8 @@ class Run:
         BN statistics are measured on ``stat_images`` training images; parity with ONNX Runtime
         and the validation accuracy are checked and recorded as stage_original records them.
         """
-        from training.onnx_import import import_original, max_abs_difference
+        from export.onnx_export import ort_max_difference
+        from training.onnx_import import import_original
         images, _ = self.part("train")
         rng = np.random.default_rng(self.cfg.seed)
         pick = np.sort(rng.choice(len(images), size=min(stat_images, len(images)), replace=False))
@@ -220,7 +221,7 @@ class Run:
         model = import_original(onnx_path, self.model_cfg, batches)
         val_images, _ = self.part("val")
         probe = to_tensor(torch.from_numpy(val_images[:64]), self.cfg.mean, self.cfg.std)
-        diff = max_abs_difference(model, onnx_path, probe)
+        diff = ort_max_difference(model, onnx_path, [probe.numpy()])
         if diff > 1e-3:
             raise ValueError(f"imported model differs from {onnx_path} by {diff:.2e} in the logits; "
                              "the config's [model] does not describe this graph")
@@ -330,17 +331,15 @@ class Run:
         net = HeadNet(self.load_original(), self.cfg.split_after, self.cfg.clustifier, k,
                       groups=clusters)
         to_cluster = np.zeros(self.dataset.num_classes, dtype=np.int64)
-        assign = torch.zeros(self.dataset.num_classes, k)  # class → cluster membership (C, K)
         for i, members in enumerate(clusters):
             to_cluster[members] = i  # overlapping classes train on their last cluster
-            assign[members, i] = 1.0
-        assign = assign / assign.sum(1, keepdim=True)
         feats, teacher_logits, labels = self.train_features()
         distill = self.cfg.clustifier_optim.distill > 0
+        cluster_mass = ClusterPool(clusters, self.dataset.num_classes)
 
         def forward(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             # Teacher: log of the original model's probability mass on each cluster.
-            t = torch.log(torch.softmax(teacher_logits[idx].float(), 1) @ assign + 1e-8) if distill else None
+            t = cluster_mass(teacher_logits[idx].float()) if distill else None
             return net(x), t
 
         fit(net, forward, feats, to_cluster[labels], self.cfg.clustifier_optim,
