@@ -159,27 +159,35 @@ def server_total_ms(server_timing: str) -> float:
 
 
 async def drive(targets: Sequence[tuple[Server, str]], bodies: list[bytes], concurrency: int,
-                seconds: float) -> list[dict]:
+                seconds: float, block_seconds: float = 0.5) -> list[dict]:
     """Closed loop: ``concurrency`` clients send one image per request until time is up.
 
-    ``targets`` are (server, mode) pairs. With several, each client alternates between them
-    request by request, so they are measured side by side (a noisy neighbour hits them alike);
-    one cell per target comes back, its throughput counted over the shared time. The order is
-    drawn anew each round: in a fixed order each target would always follow the same one, and a
-    request that follows one to the same server finds its caches warmer. (In a fixed order the
-    original always came second on its server and measured 0.3-0.4 ms faster than the
-    conditional path at c=1; in a random order, 0.1-0.5 ms slower.)
+    ``targets`` are (server, mode) pairs. With several, they are measured side by side (a noisy
+    neighbour hits them alike), one cell per target, its throughput counted over the shared time:
+    the clients take the servers in turn, ``block_seconds`` each, and within a block alternate
+    that server's modes request by request in an order drawn anew each round. Blocks, because a
+    request that follows one to another server finds that server's model out of the CPU caches:
+    alternating over two servers request by request added 0.2-0.85 ms to their requests at c=1
+    (three runs), a cost no server alone pays and raw compute (one process) does not show. A new
+    order each round, because in a fixed one the original always came second on its server and
+    measured 0.3-0.4 ms faster than the conditional path at c=1 (in a random order, 0.1-0.5 ms
+    slower).
     """
     cells = [{"latencies": [], "server_ms": [], "flops": [], "savings": [], "errors": 0}
              for _ in targets]
-    n = len(targets)
+    by_server: dict[int, list[int]] = {}
+    for k, (server, _) in enumerate(targets):
+        by_server.setdefault(id(server), []).append(k)
+    blocks = list(by_server.values())
 
     async def client(worker: int, stop_at: float, conns: list[Connection]) -> None:
         rng = np.random.default_rng(worker)
         i, order, body = worker, [], b""
-        while time.perf_counter() < stop_at:
-            if not order:  # a round: every target once, on the same image, in a random order
-                order, body = list(rng.permutation(n)), bodies[i % len(bodies)]
+        started = time.perf_counter()
+        while (now := time.perf_counter()) < stop_at:
+            if not order:  # a round: the block's targets once, on one image, in a random order
+                block = blocks[int((now - started) / block_seconds) % len(blocks)]
+                order, body = [block[j] for j in rng.permutation(len(block))], bodies[i % len(bodies)]
                 i += concurrency
             k = order.pop()
             cell, path = cells[k], f"/classify?top_k=5&mode={targets[k][1]}"
@@ -221,7 +229,7 @@ async def drive(targets: Sequence[tuple[Server, str]], bodies: list[bytes], conc
             "server_p50_ms": float(np.nanmedian(cell["server_ms"])),
             "mean_flops": float(np.mean(cell["flops"])),
             "flop_saving": float(np.mean(cell["savings"])),
-            "interleaved": n > 1})
+            "interleaved": len(targets) > 1})
     return out
 
 
@@ -329,8 +337,9 @@ def markdown(result: dict) -> str:
               f"{result['image_size']} px) per request; {result['images']} validation images.", "",
               "Latency is measured by the client (send to last byte); 'server p50' is the server's "
               "own time (`Server-Timing: total`, request body read to response built). ⇄: one "
-              "client alternated over all the ⇄ rows request by request, in a random order each "
-              "round, four servers up at once (side by side, twice the time of a cell); 'not "
+              "client went over all the ⇄ rows for twice the time of a cell, four servers up at "
+              "once, taking the servers in turn for 0.5 s each and alternating a server's two "
+              "modes request by request in a random order (side by side); 'not "
               "inline': `CPCNN_INLINE_WHEN_IDLE=false` (every model run in a worker thread); "
               "'floor': a framework-free ASGI app around the same runner (`bench/floor_app.py`), "
               "what any Python server on this machine pays for the same work.",
