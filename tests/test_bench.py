@@ -3,6 +3,7 @@ are judged on the service's cells, never on the floor's (timings themselves are 
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import numpy as np
@@ -11,7 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from bench import floor_app
-from bench.serve_bench import targets
+from bench.serve_bench import drive, targets
 from service.runner import PackageRunner
 from tests.conftest import SHIPPED_PACKAGE
 
@@ -63,3 +64,55 @@ def test_targets_judge_the_service_not_the_floor():
     assert "the floor server: 1.00 ms vs bound 6.00 ms" in flops_target["detail"]
     assert not overhead_target["ok"]  # 9.0 > 1.3 × 2.0
     assert "the floor server: 1.00 ms = 0.50×" in overhead_target["detail"]
+
+
+class _FakeServer:
+    """An HTTP/1.1 keep-alive server on loopback that answers every POST like /classify and
+    records (server, mode) in arrival order."""
+
+    def __init__(self, name: str, log: list[tuple[str, str]]) -> None:
+        self.name, self.log, self.settings, self.port = name, log, {"server": name}, 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            lines = head.decode().split("\r\n")
+            length = next(int(line.split(":")[1]) for line in lines
+                          if line.lower().startswith("content-length"))
+            await reader.readexactly(length)
+            self.log.append((self.name, lines[0].split("mode=")[1].split(" ")[0]))
+            body = b'{"results": [{"flops": {"total": 1, "saving": 0.0}}]}'
+            writer.write(b"HTTP/1.1 200 OK\r\nServer-Timing: total;dur=1.0\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+
+
+def test_drive_takes_the_servers_in_blocks_and_alternates_modes_within():
+    log: list[tuple[str, str]] = []
+    servers = [_FakeServer("a", log), _FakeServer("b", log)]
+
+    async def run() -> list[dict]:
+        for server in servers:
+            await server.start()
+        targets_ = [(server, mode) for server in servers for mode in ("conditional", "original")]
+        return await drive(targets_, [b"image"], concurrency=1, seconds=0.8, block_seconds=0.1)
+
+    cells = asyncio.run(run())
+    assert all(c["requests"] > 0 and c["errors"] == 0 and c["interleaved"] for c in cells)
+    # Runs of consecutive requests to one server: the servers took turns several times (in the
+    # warm-up and the timed phase), each time for many requests, not request by request.
+    runs: list[list[str]] = []
+    for i, (name, mode) in enumerate(log):
+        if i == 0 or log[i - 1][0] != name:
+            runs.append([])
+        runs[-1].append(mode)
+    assert len(runs) >= 4
+    assert len(runs) < len(log) / 4
+    # Within a run the server's two modes alternate in rounds of one each (a run that spans the
+    # end of the warm-up may hold one unfinished round), in an order drawn anew each round.
+    assert all(abs(run.count("conditional") - run.count("original")) <= 2 for run in runs)
+    firsts = {run[i] for run in runs for i in range(2, len(run) - 1, 2)}
+    assert firsts == {"conditional", "original"}
