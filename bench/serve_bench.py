@@ -86,7 +86,7 @@ def encode_png(images: np.ndarray) -> list[bytes]:
 class Server:
     """A uvicorn child process serving ``model_dir`` with ``CPCNN_*`` settings ``env``; an idle
     one costs no CPU (ORT threads do not spin), so several can be up at once and be compared
-    request by request."""
+    side by side. ``app``: another ASGI app to serve the same way (the floor)."""
 
     def __init__(self, model_dir: Path, env: dict[str, str], app: str = "service.app:app",
                  **settings: bool) -> None:
