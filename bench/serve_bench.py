@@ -253,6 +253,34 @@ def time_runner(runner: PackageRunner, images: np.ndarray, tau: float,
              "p95_ms": 1e3 * float(np.percentile(t, 95))} for mode, t in times.items()]
 
 
+def batch_curve(runner: PackageRunner, images: np.ndarray, tau: float,
+                sizes: Sequence[int] = (1, 2, 4, 8, 16, 32), repeats: int = 3) -> list[dict]:
+    """Conditional against original in-process at each batch size (alternating batch by batch):
+    where the FLOP saving becomes time. Each head runs once per batch on its images, so at small
+    batches the heads run at batch ~1 with their per-run costs; the trunk's share grows with the
+    batch. Stage times are the conditional runs' medians."""
+    rows = []
+    for size in sizes:
+        times: dict[str, list[float]] = {"conditional": [], "original": []}
+        stages: dict[str, list[float]] = {}
+        for _ in range(repeats):
+            for start in range(0, len(images) - size + 1, size):
+                batch = images[start:start + size]
+                t0 = time.perf_counter()
+                result = runner.run(batch, tau)
+                times["conditional"].append(time.perf_counter() - t0)
+                for stage, seconds in result.timings.items():
+                    stages.setdefault(stage, []).append(seconds)
+                t0 = time.perf_counter()
+                runner.run_original(batch)
+                times["original"].append(time.perf_counter() - t0)
+        cond, orig = (statistics.median(times[m]) for m in ("conditional", "original"))
+        rows.append({"batch": size, "conditional_ms": 1e3 * cond, "original_ms": 1e3 * orig,
+                     "ratio": cond / orig,
+                     "stages_ms": {k: 1e3 * statistics.median(v) for k, v in stages.items()}})
+    return rows
+
+
 def _time_configs(model_dir: Path, configs: list[dict], images: np.ndarray, tau: float,
                   rounds: int) -> list[dict]:
     """Batch 1 and batch 32 latency of ``configs``, interleaved round by round in one process so
@@ -362,6 +390,17 @@ def markdown(result: dict) -> str:
               "| mode | p50 ms | p95 ms |", "|---|---|---|"]
     for r in result["raw"]:
         lines.append(f"| {r['mode']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} |")
+    if result.get("batch_sizes"):
+        stage_names = list(result["batch_sizes"][0]["stages_ms"])
+        lines += ["", "Conditional against original in-process by batch size (package runner, "
+                  "median per batch; conditional stages in ms):", "",
+                  "| batch | conditional ms | original ms | conditional / original | "
+                  + " | ".join(stage_names) + " |",
+                  "|---|---|---|---|" + "---|" * len(stage_names)]
+        for r in result["batch_sizes"]:
+            lines.append(f"| {r['batch']} | {r['conditional_ms']:.2f} | {r['original_ms']:.2f} | "
+                         f"{r['ratio']:.2f} | "
+                         + " | ".join(f"{r['stages_ms'][k]:.2f}" for k in stage_names) + " |")
     lines += ["", "ONNX Runtime thread settings (in-process, conditional):", "",
               "| intra-op threads | spinning | head threads | heads at once | batch 1 p50 ms | batch 32 ms | batch 32 images/s |",
               "|---|---|---|---|---|---|---|"]
@@ -487,6 +526,7 @@ def main() -> int:
             server.close()
     runner = PackageRunner(model_dir, verify=False)
     result["raw"] = time_runner(runner, images, tau)
+    result["batch_sizes"] = batch_curve(runner, images, tau)
     result["threads"] = thread_settings(model_dir, images, tau)
     result["sessions"] = session_costs(model_dir)
     result["targets"] = targets(result)

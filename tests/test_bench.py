@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from bench import floor_app
-from bench.serve_bench import drive, targets
+from bench.serve_bench import batch_curve, drive, targets
 from service.runner import PackageRunner
 from tests.conftest import SHIPPED_PACKAGE
 
@@ -116,3 +116,15 @@ def test_drive_takes_the_servers_in_blocks_and_alternates_modes_within():
     assert all(abs(run.count("conditional") - run.count("original")) <= 2 for run in runs)
     firsts = {run[i] for run in runs for i in range(2, len(run) - 1, 2)}
     assert firsts == {"conditional", "original"}
+
+
+def test_batch_curve_times_both_modes_at_each_batch_size():
+    runner = PackageRunner(SHIPPED_PACKAGE, verify=False)
+    size = runner.manifest.input.size
+    images = np.random.default_rng(0).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+    rows = batch_curve(runner, images, tau=0.5, sizes=(1, 4), repeats=1)
+    assert [r["batch"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["conditional_ms"] > 0 and r["original_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["conditional_ms"] / r["original_ms"])
+        assert set(r["stages_ms"]) == {"trunk", "clustifier", "activator", "heads", "combine"}
