@@ -234,21 +234,31 @@ async def drive(targets: Sequence[tuple[Server, str]], bodies: list[bytes], conc
 
 
 # -- raw compute in-process -------------------------------------------------------------------------
+def _alternate_modes(runner: PackageRunner, batches: list[np.ndarray], tau: float,
+                     repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds per batch of the conditional path and the original, alternating batch by batch
+    (a noisy neighbour hits both alike), and the conditional runs' seconds per stage."""
+    times: dict[str, list[float]] = {"conditional": [], "original": []}
+    stages: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for batch in batches:
+            t0 = time.perf_counter()
+            result = runner.run(batch, tau)
+            times["conditional"].append(time.perf_counter() - t0)
+            for stage, seconds in result.timings.items():
+                stages.setdefault(stage, []).append(seconds)
+            t0 = time.perf_counter()
+            runner.run_original(batch)
+            times["original"].append(time.perf_counter() - t0)
+    return times, stages
+
+
 def time_runner(runner: PackageRunner, images: np.ndarray, tau: float,
                 repeats: int = 3) -> list[dict]:
     """Median latency of the package runner on single images (no HTTP, no decoding), the
     conditional path and the original alternating image by image."""
-    fns = {"conditional": lambda x: runner.run(x, tau), "original": runner.run_original}
-    for img in images[:8]:
-        for fn in fns.values():
-            fn(img[None])
-    times: dict[str, list[float]] = {mode: [] for mode in fns}
-    for _ in range(repeats):
-        for img in images:
-            for mode, fn in fns.items():
-                t0 = time.perf_counter()
-                fn(img[None])
-                times[mode].append(time.perf_counter() - t0)
+    _alternate_modes(runner, [img[None] for img in images[:8]], tau, repeats=1)  # warm-up
+    times, _ = _alternate_modes(runner, [img[None] for img in images], tau, repeats)
     return [{"mode": mode, "p50_ms": 1e3 * statistics.median(t),
              "p95_ms": 1e3 * float(np.percentile(t, 95))} for mode, t in times.items()]
 
@@ -261,19 +271,8 @@ def batch_curve(runner: PackageRunner, images: np.ndarray, tau: float,
     batch. Stage times are the conditional runs' medians."""
     rows = []
     for size in sizes:
-        times: dict[str, list[float]] = {"conditional": [], "original": []}
-        stages: dict[str, list[float]] = {}
-        for _ in range(repeats):
-            for start in range(0, len(images) - size + 1, size):
-                batch = images[start:start + size]
-                t0 = time.perf_counter()
-                result = runner.run(batch, tau)
-                times["conditional"].append(time.perf_counter() - t0)
-                for stage, seconds in result.timings.items():
-                    stages.setdefault(stage, []).append(seconds)
-                t0 = time.perf_counter()
-                runner.run_original(batch)
-                times["original"].append(time.perf_counter() - t0)
+        batches = [images[i:i + size] for i in range(0, len(images) - size + 1, size)]
+        times, stages = _alternate_modes(runner, batches, tau, repeats)
         cond, orig = (statistics.median(times[m]) for m in ("conditional", "original"))
         rows.append({"batch": size, "conditional_ms": 1e3 * cond, "original_ms": 1e3 * orig,
                      "ratio": cond / orig,
@@ -496,9 +495,10 @@ def main() -> int:
                     "image_size": manifest.input.size, "served": []}
     # Four servers up at once: the default (batching on), batching off, batching on with every
     # model run in a worker thread (CPCNN_INLINE_WHEN_IDLE=false), and the framework-free floor
-    # around the same runner (bench/floor_app.py). At c=1 one client alternates
-    # over all (server, mode) pairs request by request, so the c=1 figures the targets compare
-    # are measured side by side; at higher concurrency each (server, mode) has the machine alone.
+    # around the same runner (bench/floor_app.py). At c=1 one client goes over all (server, mode)
+    # pairs (the servers in turns of 0.5 s, a server's modes request by request), so the c=1
+    # figures the targets compare are measured side by side; at higher concurrency each
+    # (server, mode) has the machine alone.
     servers: list[Server] = []
     try:
         for batching, inline in ((True, True), (False, True), (True, False)):
