@@ -27,12 +27,15 @@ from starlette.types import Receive, Scope, Send
 from service.runner import PackageRunner
 
 _runner: PackageRunner | None = None
+_tau = 0.0  # CPCNN_TAU or the package's default, read at start-up
 
 
-def _load() -> PackageRunner:
+def _load() -> None:
+    global _runner, _tau
     runner = PackageRunner(os.environ["CPCNN_MODEL_DIR"], verify=False)
     runner.warmup()
-    return runner
+    _tau = float(os.environ.get("CPCNN_TAU", runner.manifest.activator.default_tau))
+    _runner = runner
 
 
 def _classify(body: bytes, mode: str, tau: float) -> bytes:
@@ -57,10 +60,9 @@ async def _reply(send: Send, status: int, body: bytes, seconds: float | None = N
 
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
-    global _runner
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
-            _runner = _load()
+            _load()
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
@@ -74,7 +76,5 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         return
     t0 = time.perf_counter()
     query = parse_qs(scope["query_string"].decode())
-    assert _runner is not None
-    tau = float(os.environ.get("CPCNN_TAU", _runner.manifest.activator.default_tau))
-    answer = _classify(body, query.get("mode", ["conditional"])[0], tau)
+    answer = _classify(body, query.get("mode", ["conditional"])[0], _tau)
     await _reply(send, 200, answer, time.perf_counter() - t0)

@@ -42,6 +42,7 @@ from service.settings import default_model_dir  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MODES = ("conditional", "original")
+BLOCK_SECONDS = 0.5  # at c=1, how long each server has the client before the next one's turn
 
 
 # -- the machine ---------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def server_total_ms(server_timing: str) -> float:
 
 
 async def drive(targets: Sequence[tuple[Server, str]], bodies: list[bytes], concurrency: int,
-                seconds: float, block_seconds: float = 0.5) -> list[dict]:
+                seconds: float, block_seconds: float = BLOCK_SECONDS) -> list[dict]:
     """Closed loop: ``concurrency`` clients send one image per request until time is up.
 
     ``targets`` are (server, mode) pairs. With several, they are measured side by side (a noisy
@@ -365,8 +366,8 @@ def markdown(result: dict) -> str:
               "Latency is measured by the client (send to last byte); 'server p50' is the server's "
               "own time (`Server-Timing: total`, request body read to response built). ⇄: one "
               "client went over all the ⇄ rows for twice the time of a cell, four servers up at "
-              "once, taking the servers in turn for 0.5 s each and alternating a server's two "
-              "modes request by request in a random order (side by side); 'not "
+              f"once, taking the servers in turn for {BLOCK_SECONDS:g} s each and alternating a "
+              "server's two modes request by request in a random order (side by side); 'not "
               "inline': `CPCNN_INLINE_WHEN_IDLE=false` (every model run in a worker thread); "
               "'floor': a framework-free ASGI app around the same runner (`bench/floor_app.py`), "
               "what any Python server on this machine pays for the same work.",
@@ -496,9 +497,9 @@ def main() -> int:
     # Four servers up at once: the default (batching on), batching off, batching on with every
     # model run in a worker thread (CPCNN_INLINE_WHEN_IDLE=false), and the framework-free floor
     # around the same runner (bench/floor_app.py). At c=1 one client goes over all (server, mode)
-    # pairs (the servers in turns of 0.5 s, a server's modes request by request), so the c=1
-    # figures the targets compare are measured side by side; at higher concurrency each
-    # (server, mode) has the machine alone.
+    # pairs (the servers in turns of BLOCK_SECONDS, a server's modes request by request), so
+    # the c=1 figures the targets compare are measured side by side; at higher concurrency
+    # each (server, mode) has the machine alone.
     servers: list[Server] = []
     try:
         for batching, inline in ((True, True), (False, True), (True, False)):

@@ -4,23 +4,15 @@ are judged on the service's cells, never on the floor's (timings themselves are 
 from __future__ import annotations
 
 import asyncio
-import io
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from bench import floor_app
-from bench.serve_bench import batch_curve, drive, targets
+from bench.serve_bench import batch_curve, drive, encode_png, targets
 from service.runner import PackageRunner
 from tests.conftest import SHIPPED_PACKAGE
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("mode", ["conditional", "original"])
@@ -32,7 +24,7 @@ def test_floor_server_answers_the_runners_prediction(monkeypatch, mode):
     pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
     with TestClient(floor_app.app) as client:
         assert client.get("/readyz").status_code == 200
-        response = client.post(f"/classify?mode={mode}", content=_png(pixels),
+        response = client.post(f"/classify?mode={mode}", content=encode_png(pixels[None])[0],
                                headers={"Content-Type": "image/png"})
     assert response.status_code == 200
     assert response.headers["server-timing"].startswith("total;dur=")
