@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image
 from starlette.types import Receive, Scope, Send
 
-from service.runner import PackageRunner
+from service.runner import PackageRunner, share_thread_pool
+from service.settings import Settings
 
 _runner: PackageRunner | None = None
 _tau = 0.0  # CPCNN_TAU or the package's default, read at start-up
@@ -32,6 +33,9 @@ _tau = 0.0  # CPCNN_TAU or the package's default, read at start-up
 
 def _load() -> None:
     global _runner, _tau
+    settings = Settings()  # the service's thread settings, so the floor runs the model alike
+    if settings.shared_thread_pool:
+        share_thread_pool(settings.intra_op_threads, settings.inter_op_threads)
     runner = PackageRunner(os.environ["CPCNN_MODEL_DIR"], verify=False)
     runner.warmup()
     _tau = float(os.environ.get("CPCNN_TAU", runner.manifest.activator.default_tau))

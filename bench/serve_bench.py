@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from service.launch import child_env, free_port, wait_until_ready  # noqa: E402
 from service.manifest import load_manifest  # noqa: E402
-from service.runner import PackageRunner  # noqa: E402
+from service.runner import PackageRunner, share_thread_pool  # noqa: E402
 from service.settings import default_model_dir  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -306,9 +308,19 @@ def _time_configs(model_dir: Path, configs: list[dict], images: np.ndarray, tau:
             for c, one, many in zip(configs, single, batched, strict=True)]
 
 
+def shared_pool_settings(model_dir: Path, images: np.ndarray, tau: float,
+                         rounds: int = 6) -> list[dict]:
+    """The process's shared ORT pool (the servers' default), heads one after another or two at
+    once. Call in a process that has set the pool up (``share_thread_pool``)."""
+    configs = [{"head_workers": w} for w in (1, 2)]
+    return [{**row, "pool": "shared"}
+            for row in _time_configs(model_dir, configs, images, tau, rounds)]
+
+
 def thread_settings(model_dir: Path, images: np.ndarray, tau: float, rounds: int = 6) -> list[dict]:
-    """ORT intra-op threads × spinning, and head threads × heads at once. Spinning runners are
-    timed alone (their threads keep spinning after a run and would slow whatever runs next)."""
+    """A pool per session: ORT intra-op threads × spinning, and head threads × heads at once.
+    Spinning runners are timed alone (their threads keep spinning after a run and would slow
+    whatever runs next). Call in a process without the shared pool (``per_session_tables``)."""
     spinning = [{"intra_op_threads": t, "allow_spinning": True, "head_threads": t, "head_workers": 1}
                 for t in (1, 2)]
     quiet = [{"intra_op_threads": t, "allow_spinning": False, "head_threads": t, "head_workers": 1}
@@ -316,14 +328,27 @@ def thread_settings(model_dir: Path, images: np.ndarray, tau: float, rounds: int
     quiet += [{"intra_op_threads": 2, "allow_spinning": False, "head_threads": 1, "head_workers": w}
               for w in (1, 2)]
     rows = [row for c in spinning for row in _time_configs(model_dir, [c], images, tau, rounds)]
-    return rows + _time_configs(model_dir, quiet, images, tau, rounds)
+    rows += _time_configs(model_dir, quiet, images, tau, rounds)
+    return [{**row, "pool": "per session"} for row in rows]
+
+
+def _per_session_tables(model_dir: Path, images: np.ndarray, tau: float) -> tuple[list, list]:
+    return thread_settings(model_dir, images, tau), session_costs(model_dir)
+
+
+def per_session_tables(model_dir: Path, images: np.ndarray, tau: float) -> tuple[list, list]:
+    """``thread_settings`` and ``session_costs``, measured in a fresh process: this one runs
+    every session on the shared pool, and ONNX Runtime fixes that per process."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as child:
+        return child.submit(_per_session_tables, model_dir, images, tau).result()
 
 
 def session_costs(model_dir: Path, rounds: int = 5) -> list[dict]:
     """Each kind of ONNX session alone (trunk, clustifier, one head, the original) at batch 1 and
     32 with 1 and 2 intra-op threads, interleaved round by round: what one FLOP costs in time in a
     small session against a large one, i.e. how much of the FLOP saving can become time."""
-    from service.runner import _session_options
+    from service.runner import session_options
 
     manifest = load_manifest(model_dir, verify=False)
     parts = {role: c for role, c in manifest.components().items()
@@ -333,7 +358,7 @@ def session_costs(model_dir: Path, rounds: int = 5) -> list[dict]:
     for role, comp in parts.items():
         for threads in (1, 2):
             session = ort.InferenceSession(str(model_dir / comp.file),
-                                           sess_options=_session_options(threads, 1, False),
+                                           sess_options=session_options(threads, 1, False),
                                            providers=["CPUExecutionProvider"])
             for batch in (1, 32):
                 shape = [batch, *comp.input_shape[1:]]
@@ -401,14 +426,18 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['batch']} | {r['conditional_ms']:.2f} | {r['original_ms']:.2f} | "
                          f"{r['ratio']:.2f} | "
                          + " | ".join(f"{r['stages_ms'][k]:.2f}" for k in stage_names) + " |")
-    lines += ["", "ONNX Runtime thread settings (in-process, conditional):", "",
-              "| intra-op threads | spinning | head threads | heads at once | batch 1 p50 ms | batch 32 ms | batch 32 images/s |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "ONNX Runtime thread settings (in-process, conditional; the shared pool's rows in "
+              "this process, the per-session rows in a fresh one, measured after them):", "",
+              "| thread pool | intra-op threads | spinning | head threads | heads at once | batch 1 p50 ms | batch 32 ms | batch 32 images/s |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in result["threads"]:
-        lines.append(f"| {r['intra_op_threads']} | {r['allow_spinning']} | "
-                     f"{r.get('head_threads', r['intra_op_threads'])} | {r.get('head_workers', 1)} | "
-                     f"{r['batch1_p50_ms']:.2f} | {r['batch32_ms']:.1f} | "
-                     f"{r['batch32_images_per_s']:.0f} |")
+        if r.get("pool") == "shared":  # ORT's global pool: a thread per core, spinning on
+            threads = f"| shared | {m['cores']} | ORT default | shared |"
+        else:
+            threads = (f"| per session | {r['intra_op_threads']} | {r['allow_spinning']} | "
+                       f"{r.get('head_threads', r['intra_op_threads'])} |")
+        lines.append(f"{threads} {r.get('head_workers', 1)} | {r['batch1_p50_ms']:.2f} | "
+                     f"{r['batch32_ms']:.1f} | {r['batch32_images_per_s']:.0f} |")
     if result.get("sessions"):
         lines += ["", "Each ONNX session alone (in-process, interleaved; FLOPs from the manifest):", "",
                   "| session | MFLOPs/image | threads | batch 1 ms | batch 1 GFLOP/s | batch 32 ms | batch 32 GFLOP/s |",
@@ -485,6 +514,9 @@ def main() -> int:
     parser.add_argument("--max-batch-delay-ms", default="2")
     args = parser.parse_args()
     model_dir = args.model_dir or default_model_dir()
+    # Raw compute runs the model as the servers do by default: every session on one shared pool
+    # (CPCNN_SHARED_THREAD_POOL), set up before this process makes its first session.
+    share_thread_pool()
     manifest = load_manifest(model_dir)
     tau = manifest.activator.default_tau if args.tau is None else args.tau
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -528,8 +560,9 @@ def main() -> int:
     runner = PackageRunner(model_dir, verify=False)
     result["raw"] = time_runner(runner, images, tau)
     result["batch_sizes"] = batch_curve(runner, images, tau)
-    result["threads"] = thread_settings(model_dir, images, tau)
-    result["sessions"] = session_costs(model_dir)
+    result["threads"] = shared_pool_settings(model_dir, images, tau)
+    per_session, result["sessions"] = per_session_tables(model_dir, images, tau)
+    result["threads"] += per_session
     result["targets"] = targets(result)
     RESULTS.mkdir(parents=True, exist_ok=True)
     gpu = "gpu" if result["machine"]["gpu"] else "cpu"

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from export.flops import count_flops, count_params
+from service.runner import session_options
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def torch_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 def ort_max_difference(model: nn.Module, path: str | Path, inputs: list[np.ndarray]) -> float:
     """Largest |PyTorch − ONNX Runtime| output difference of ``model`` (eval mode) and the graph at
     ``path`` over ``inputs`` (float32 batches): the export's parity check, also the import's."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), sess_options=session_options(),
+                                   providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     worst = 0.0
     for x in inputs:

@@ -80,15 +80,60 @@ def normalize(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     return x
 
 
-def _session_options(intra_op: int, inter_op: int, allow_spinning: bool) -> ort.SessionOptions:
+# The process-wide ONNX Runtime thread pool, once ``share_thread_pool`` has set it up:
+# (intra-op, inter-op) threads. ``None``: every session has threads of its own.
+_shared_pool: tuple[int, int] | None = None
+_own_pool_sessions = 0  # session options handed out with threads of their own
+
+
+def share_thread_pool(intra_op: int = 0, inter_op: int = 1) -> bool:
+    """Run every session made with ``session_options`` from now on on one process-wide pool.
+
+    A package is a dozen sessions run one after another; with a pool each, every session wakes
+    its own sleeping threads, while one shared pool keeps the same threads warm from the trunk
+    to the heads: the conditional path at batch 1 took 1.39-1.53 ms against 2.00-2.38 ms with a
+    pool per session, the original 1.69-1.87 against 2.25-2.42 (bench/README.md).
+
+    ONNX Runtime fixes this when its environment is created, i.e. before the process's first
+    session: once any session has its own threads, or the pool exists with other sizes, the
+    call changes nothing and says so (False / a warning). ``intra_op`` 0: one thread per core.
+    """
+    global _shared_pool
+    if _shared_pool is not None:
+        if _shared_pool != (intra_op, inter_op):
+            logger.warning("the shared ONNX Runtime thread pool already has %d/%d threads; "
+                           "keeping those, not %d/%d", *_shared_pool, intra_op, inter_op)
+        return True
+    if _own_pool_sessions:
+        logger.warning("not sharing one ONNX Runtime thread pool: this process already made %d "
+                       "sessions with threads of their own (set the pool up before any session)",
+                       _own_pool_sessions)
+        return False
+    ort.set_global_thread_pool_sizes(intra_op, inter_op)
+    _shared_pool = (intra_op, inter_op)
+    return True
+
+
+def session_options(intra_op: int = 0, inter_op: int = 1,
+                    allow_spinning: bool = False) -> ort.SessionOptions:
+    """Options for every ONNX Runtime session of the project (runner, export check, bench).
+
+    On the process's shared pool (``share_thread_pool``) the thread settings do not apply
+    (ONNX Runtime refuses a session with threads of its own there); without it, the session
+    gets a pool of ``intra_op`` threads (0: one per core)."""
+    global _own_pool_sessions
     options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if _shared_pool is not None:  # thread counts here would only draw a warning per session
+        options.use_per_session_threads = False
+        return options
+    _own_pool_sessions += 1
     options.intra_op_num_threads = intra_op
     options.inter_op_num_threads = inter_op
     # Spinning threads answer the next op sooner but burn CPU between runs; with several
     # sessions and a decoder sharing few cores that can cost more than it saves (bench/).
     options.add_session_config_entry("session.intra_op.allow_spinning",
                                      "1" if allow_spinning else "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
 
 
@@ -147,7 +192,7 @@ class PackageRunner:
         self.manifest = manifest or load_manifest(self.package_dir, verify=verify)
         m = self.manifest
         self.providers = list(providers) if providers else default_providers()
-        options = _session_options(intra_op_threads, inter_op_threads, allow_spinning)
+        options = session_options(intra_op_threads, inter_op_threads, allow_spinning)
         # Heads are small (a few % of the original's FLOPs) and get a handful of images each in
         # a batch: splitting each of their convs over every core gains little, so by default two
         # heads of a batch run at once (``head_workers``), the cores divided between them
@@ -157,7 +202,8 @@ class PackageRunner:
         if head_threads is None:
             head_threads = (intra_op_threads if head_workers <= 1 else
                             max(1, (intra_op_threads or os.cpu_count() or 1) // head_workers))
-        head_options = _session_options(head_threads, inter_op_threads, allow_spinning)
+        self.head_threads = head_threads  # with a pool per session; the shared pool has its own
+        head_options = session_options(head_threads, inter_op_threads, allow_spinning)
         self._sessions = {
             role: _Session(self.package_dir / comp.file, comp,
                            head_options if role.startswith("head") else options, self.providers)
@@ -183,8 +229,14 @@ class PackageRunner:
         self.clusters = m.cluster_members
         self.num_classes = len(m.class_names)
         self.head_flops = [c.head.flops for c in m.clusters]
-        logger.info("loaded package %s %s from %s (%d heads, providers %s)",
-                    m.name, m.version, self.package_dir, m.num_clusters, self.providers)
+        logger.info("loaded package %s %s from %s (%d heads, providers %s, %s)",
+                    m.name, m.version, self.package_dir, m.num_clusters, self.providers,
+                    "one shared thread pool" if self.shared_thread_pool else "a thread pool per session")
+
+    @property
+    def shared_thread_pool(self) -> bool:
+        """Whether the sessions run on the process's shared pool (``share_thread_pool``)."""
+        return not self._sessions["trunk"].session.get_session_options().use_per_session_threads
 
     # -- conditional path -------------------------------------------------------------------
     def run(self, images: np.ndarray, tau: float | Sequence[float] | None = None) -> BatchResult:

@@ -55,7 +55,7 @@ from service.errors import (
 )
 from service.manifest import Manifest, PackageError
 from service.metrics import Metrics
-from service.runner import BatchResult, PackageRunner, Prediction
+from service.runner import BatchResult, PackageRunner, Prediction, share_thread_pool
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -158,6 +158,8 @@ class InferenceService:
     def _load(self, package_dir: Path) -> PackageRunner:
         """Load, validate and warm up one package (worker thread); ``PackageError`` says why not."""
         s = self.settings
+        if s.shared_thread_pool:
+            share_thread_pool(s.intra_op_threads, s.inter_op_threads)
         try:
             runner = PackageRunner(
                 package_dir,

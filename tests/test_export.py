@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from export.onnx_export import ExportCheckError, export_onnx
+from service.runner import session_options
 from training.models.heads import HeadArch, HeadNet
 from training.models.resnet import ResNet, ResNetConfig, build_trunk
 
@@ -42,7 +43,8 @@ def test_trunk_and_heads_match_pytorch(tmp_path, model, arch):
 
 def test_dynamic_batch_axis(tmp_path, model):
     export_onnx(model, tmp_path / "m.onnx", input_shape=(3, 32, 32))
-    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), sess_options=session_options(),
+                                providers=["CPUExecutionProvider"])
     for n in (1, 4, 9):
         x = np.random.default_rng(n).standard_normal((n, 3, 32, 32)).astype(np.float32)
         out = sess.run(None, {"input": x})[0]

@@ -71,15 +71,15 @@ def test_head_pool_is_off_with_io_binding():
 
 
 def test_head_threads_default_divides_the_cores_among_head_workers():
-    def head_threads(runner):
-        return runner._sessions["head0"].session.get_session_options().intra_op_num_threads  # noqa: SLF001
+    """With a pool per session (the sessions' own thread counts are checked in a process of its
+    own below; this one runs on the shared pool)."""
+    def head_threads(**kwargs):
+        return PackageRunner(SHIPPED_PACKAGE, verify=False, **kwargs).head_threads
 
-    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=4)) == 2
-    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=1)) == 1
-    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=4,
-                                      head_workers=1)) == 4
-    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=4,
-                                      head_threads=3)) == 3
+    assert head_threads(intra_op_threads=4) == 2
+    assert head_threads(intra_op_threads=1) == 1
+    assert head_threads(intra_op_threads=4, head_workers=1) == 4
+    assert head_threads(intra_op_threads=4, head_threads=3) == 3
 
 
 def test_normalize_is_the_training_formula_in_nchw():
@@ -94,3 +94,64 @@ def test_normalize_is_the_training_formula_in_nchw():
     np.testing.assert_allclose(x, want, rtol=0, atol=2e-6)
     with pytest.raises(ValueError, match="expected 5x5"):
         normalize(images[:, :4], spec)
+
+
+_POOL_PROBE = """
+import json, sys
+import numpy as np
+from service.runner import PackageRunner, session_options, share_thread_pool
+from training.data.synthetic import make_synthetic
+
+package, order = sys.argv[1], sys.argv[2]
+if order == "pool-first":
+    calls = [share_thread_pool(2, 1)]
+    runner = PackageRunner(package, verify=False)
+    calls.append(share_thread_pool(1, 1))  # other sizes: the pool already exists, kept
+else:  # a session with threads of its own first: too late for a shared pool
+    runner = PackageRunner(package, verify=False)
+    calls = [share_thread_pool(2, 1)]
+    runner = PackageRunner(package, verify=False, intra_op_threads=4)
+export_check = session_options().use_per_session_threads
+images = make_synthetic(superclasses=4, classes_per_super=3, per_class=2, image_size=32,
+                        noise=0.75, seed=1).images
+result = runner.run(images, 0.7)
+print(json.dumps({
+    "calls": calls, "shared": runner.shared_thread_pool, "export_check_own_threads": export_check,
+    "head_session_threads": runner._sessions["head0"].session.get_session_options().intra_op_num_threads,
+    "heads": [list(p.activation.heads) for p in result.predictions],
+    "scores": [p.scores.tolist() for p in result.predictions],
+    "original": runner.run_original(images).predictions[0].scores.tolist()}))
+"""
+
+
+def _probe_thread_pool(order: str) -> tuple[dict, str]:
+    """Run ``_POOL_PROBE`` in a fresh interpreter: ONNX Runtime's pool is fixed per process."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-c", _POOL_PROBE, str(SHIPPED_PACKAGE), order],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_shared_thread_pool_is_set_up_before_the_first_session_and_changes_no_answer():
+    shared, shared_log = _probe_thread_pool("pool-first")
+    own, own_log = _probe_thread_pool("session-first")
+    # Before any session: every session of the process runs on the one pool, the export check's too
+    # (ONNX Runtime would refuse a session with threads of its own in that process).
+    assert shared["calls"] == [True, True] and shared["shared"]
+    assert shared["export_check_own_threads"] is False
+    assert "keeping those, not 1/1" in shared_log
+    # After a session with threads of its own: nothing changes, and the log says why.
+    assert own["calls"] == [False] and not own["shared"] and own["export_check_own_threads"]
+    assert own["head_session_threads"] == 2  # 4 intra-op threads shared by two head workers
+    # ONNX Runtime warns for each session given thread counts on the shared pool: none given.
+    assert "ignored when using a global thread pool" not in shared_log + own_log
+    assert "set the pool up before any session" in own_log
+    # Same routes and scores either way.
+    assert shared["heads"] == own["heads"] and len({h[0] for h in own["heads"]}) > 1
+    np.testing.assert_allclose(shared["scores"], own["scores"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(shared["original"], own["original"], rtol=1e-5, atol=1e-6)
