@@ -310,17 +310,32 @@ def _time_configs(model_dir: Path, configs: list[dict], images: np.ndarray, tau:
 
 def shared_pool_settings(model_dir: Path, images: np.ndarray, tau: float,
                          rounds: int = 6) -> list[dict]:
-    """The process's shared ORT pool (the servers' default), heads one after another or two at
-    once. Call in a process that has set the pool up (``share_thread_pool``)."""
+    """The process's shared ORT pool (``CPCNN_SHARED_THREAD_POOL``), heads one after another or
+    two at once. Call in a process that has set the pool up (``shared_pool_tables``)."""
     configs = [{"head_workers": w} for w in (1, 2)]
     return [{**row, "pool": "shared"}
             for row in _time_configs(model_dir, configs, images, tau, rounds)]
 
 
+def _shared_pool_tables(model_dir: Path, images: np.ndarray, tau: float) -> tuple[list, list]:
+    share_thread_pool()
+    runner = PackageRunner(model_dir, verify=False)
+    return time_runner(runner, images, tau), shared_pool_settings(model_dir, images, tau)
+
+
+def shared_pool_tables(model_dir: Path, images: np.ndarray, tau: float) -> tuple[list, list]:
+    """Raw compute and the thread-table rows on the shared pool, measured in a fresh process:
+    ONNX Runtime fixes the pool per process, and this one gives each session its own threads,
+    as the servers do by default."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as child:
+        return child.submit(_shared_pool_tables, model_dir, images, tau).result()
+
+
 def thread_settings(model_dir: Path, images: np.ndarray, tau: float, rounds: int = 6) -> list[dict]:
     """A pool per session: ORT intra-op threads × spinning, and head threads × heads at once.
     Spinning runners are timed alone (their threads keep spinning after a run and would slow
-    whatever runs next). Call in a process without the shared pool (``per_session_tables``)."""
+    whatever runs next)."""
     spinning = [{"intra_op_threads": t, "allow_spinning": True, "head_threads": t, "head_workers": 1}
                 for t in (1, 2)]
     quiet = [{"intra_op_threads": t, "allow_spinning": False, "head_threads": t, "head_workers": 1}
@@ -330,18 +345,6 @@ def thread_settings(model_dir: Path, images: np.ndarray, tau: float, rounds: int
     rows = [row for c in spinning for row in _time_configs(model_dir, [c], images, tau, rounds)]
     rows += _time_configs(model_dir, quiet, images, tau, rounds)
     return [{**row, "pool": "per session"} for row in rows]
-
-
-def _per_session_tables(model_dir: Path, images: np.ndarray, tau: float) -> tuple[list, list]:
-    return thread_settings(model_dir, images, tau), session_costs(model_dir)
-
-
-def per_session_tables(model_dir: Path, images: np.ndarray, tau: float) -> tuple[list, list]:
-    """``thread_settings`` and ``session_costs``, measured in a fresh process: this one runs
-    every session on the shared pool, and ONNX Runtime fixes that per process."""
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=spawn) as child:
-        return child.submit(_per_session_tables, model_dir, images, tau).result()
 
 
 def session_costs(model_dir: Path, rounds: int = 5) -> list[dict]:
@@ -390,10 +393,11 @@ def markdown(result: dict) -> str:
               f"{result['image_size']} px) per request; {result['images']} validation images.", "",
               "Latency is measured by the client (send to last byte); 'server p50' is the server's "
               "own time (`Server-Timing: total`, request body read to response built). ⇄: one "
-              "client went over all the ⇄ rows for twice the time of a cell, four servers up at "
-              f"once, taking the servers in turn for {BLOCK_SECONDS:g} s each and alternating a "
+              "client went over all the ⇄ rows for half a cell's time per server, five servers up "
+              f"at once, taking the servers in turn for {BLOCK_SECONDS:g} s each and alternating a "
               "server's two modes request by request in a random order (side by side); 'not "
               "inline': `CPCNN_INLINE_WHEN_IDLE=false` (every model run in a worker thread); "
+              "'shared ORT pool': `CPCNN_SHARED_THREAD_POOL=true`; "
               "'floor': a framework-free ASGI app around the same runner (`bench/floor_app.py`), "
               "what any Python server on this machine pays for the same work.",
               "",
@@ -405,6 +409,8 @@ def markdown(result: dict) -> str:
             batching = "floor (bare ASGI)"
         elif not r.get("inline_when_idle", True):
             batching += ", not inline"
+        elif r.get("shared_thread_pool"):
+            batching += ", shared ORT pool"
         lines.append(f"| {batching} | {r['mode']}{' ⇄' if r.get('interleaved') else ''} | "
                      f"{r['concurrency']} | "
                      f"{r['requests']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.2f} | "
@@ -426,8 +432,14 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['batch']} | {r['conditional_ms']:.2f} | {r['original_ms']:.2f} | "
                          f"{r['ratio']:.2f} | "
                          + " | ".join(f"{r['stages_ms'][k]:.2f}" for k in stage_names) + " |")
+    if result.get("raw_shared_pool"):
+        lines += ["", "Raw compute on one shared ORT thread pool (`CPCNN_SHARED_THREAD_POOL=true`; "
+                  "in a fresh process, after the table above):", "",
+                  "| mode | p50 ms | p95 ms |", "|---|---|---|"]
+        for r in result["raw_shared_pool"]:
+            lines.append(f"| {r['mode']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} |")
     lines += ["", "ONNX Runtime thread settings (in-process, conditional; the shared pool's rows in "
-              "this process, the per-session rows in a fresh one, measured after them):", "",
+              "a fresh process, after the others):", "",
               "| thread pool | intra-op threads | spinning | head threads | heads at once | batch 1 p50 ms | batch 32 ms | batch 32 images/s |",
               "|---|---|---|---|---|---|---|---|"]
     for r in result["threads"]:
@@ -465,10 +477,14 @@ def targets(result: dict) -> list[dict]:
     def cell(batching: bool, mode: str, c: int) -> dict | None:
         return next((r for r in result["served"] if r["batching"] == batching and r["mode"] == mode
                      and r["concurrency"] == c and r.get("inline_when_idle", True)
-                     and not r.get("floor")), None)
+                     and not r.get("floor") and not r.get("shared_thread_pool")), None)
 
     def floor(mode: str) -> dict | None:
         return next((r for r in result["served"] if r.get("floor") and r["mode"] == mode), None)
+
+    def shared(mode: str) -> dict | None:
+        return next((r for r in result["served"] if r.get("shared_thread_pool")
+                     and r["mode"] == mode and r["concurrency"] == 1), None)
 
     out = []
     cond, orig = cell(True, "conditional", 1), cell(True, "original", 1)
@@ -481,6 +497,9 @@ def targets(result: dict) -> list[dict]:
         if floor_cond and floor_orig:
             detail += (f"; the floor server: {floor_cond['p50_ms']:.2f} ms vs bound "
                        f"{floor_orig['p50_ms'] * (1 - 0.8 * saving):.2f} ms")
+        if shared("conditional") and shared("original"):
+            detail += (f"; with the shared ORT pool: {shared('conditional')['p50_ms']:.2f} ms vs "
+                       f"bound {shared('original')['p50_ms'] * (1 - 0.8 * saving):.2f} ms")
         out.append({"name": "conditional p50 ≤ original p50 × (1 − 0.8 × FLOP saving) at c=1",
                     "ok": cond["p50_ms"] <= bound, "detail": detail})
         raw = next(r for r in result["raw"] if r["mode"] == "conditional")
@@ -491,6 +510,12 @@ def targets(result: dict) -> list[dict]:
         if floor_cond:
             detail += (f"; the floor server: {floor_cond['p50_ms']:.2f} ms = "
                        f"{floor_cond['p50_ms'] / raw['p50_ms']:.2f}×")
+        shared_raw = next((r for r in result.get("raw_shared_pool") or ()
+                           if r["mode"] == "conditional"), None)
+        if shared("conditional") and shared_raw:
+            detail += (f"; with the shared ORT pool: {shared('conditional')['p50_ms']:.2f} ms vs "
+                       f"its raw {shared_raw['p50_ms']:.2f} ms = "
+                       f"{shared('conditional')['p50_ms'] / shared_raw['p50_ms']:.2f}×")
         out.append({"name": "server p50 ≤ 1.3 × raw ORT compute at c=1 (stretch 1.15)",
                     "ok": cond["p50_ms"] <= 1.3 * raw["p50_ms"], "detail": detail})
     c_max = max(result["concurrency"])
@@ -514,9 +539,6 @@ def main() -> int:
     parser.add_argument("--max-batch-delay-ms", default="2")
     args = parser.parse_args()
     model_dir = args.model_dir or default_model_dir()
-    # Raw compute runs the model as the servers do by default: every session on one shared pool
-    # (CPCNN_SHARED_THREAD_POOL), set up before this process makes its first session.
-    share_thread_pool()
     manifest = load_manifest(model_dir)
     tau = manifest.activator.default_tau if args.tau is None else args.tau
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -526,20 +548,23 @@ def main() -> int:
                     "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "seconds": args.seconds, "concurrency": levels, "images": len(images),
                     "image_size": manifest.input.size, "served": []}
-    # Four servers up at once: the default (batching on), batching off, batching on with every
-    # model run in a worker thread (CPCNN_INLINE_WHEN_IDLE=false), and the framework-free floor
-    # around the same runner (bench/floor_app.py). At c=1 one client goes over all (server, mode)
-    # pairs (the servers in turns of BLOCK_SECONDS, a server's modes request by request), so
-    # the c=1 figures the targets compare are measured side by side; at higher concurrency
-    # each (server, mode) has the machine alone.
+    # Five servers up at once: the default (batching on), batching off, batching on with every
+    # model run in a worker thread (CPCNN_INLINE_WHEN_IDLE=false), batching on with one shared
+    # ORT thread pool (CPCNN_SHARED_THREAD_POOL=true), and the framework-free floor around the
+    # same runner (bench/floor_app.py). At c=1 one client goes over all (server, mode) pairs (the
+    # servers in turns of BLOCK_SECONDS, a server's modes request by request), so the c=1
+    # figures the targets compare are measured side by side; at higher concurrency each
+    # (server, mode) has the machine alone.
     servers: list[Server] = []
     try:
-        for batching, inline in ((True, True), (False, True), (True, False)):
+        for batching, inline, shared in ((True, True, False), (False, True, False),
+                                         (True, False, False), (True, True, True)):
             servers.append(Server(
                 model_dir, {"CPCNN_BATCHING": str(batching).lower(), "CPCNN_TAU": str(tau),
                             "CPCNN_MAX_BATCH_DELAY_MS": args.max_batch_delay_ms,
-                            "CPCNN_INLINE_WHEN_IDLE": str(inline).lower()},
-                batching=batching, inline_when_idle=inline))
+                            "CPCNN_INLINE_WHEN_IDLE": str(inline).lower(),
+                            "CPCNN_SHARED_THREAD_POOL": str(shared).lower()},
+                batching=batching, inline_when_idle=inline, shared_thread_pool=shared))
         # The floor: no framework, the same runner (bench/floor_app.py), only at c=1.
         floor = Server(model_dir, {"CPCNN_TAU": str(tau)}, app="bench.floor_app:app",
                        batching=False, floor=True)
@@ -547,10 +572,10 @@ def main() -> int:
         for c in levels:
             if c == 1:
                 runs = [[(server, mode) for server in servers for mode in MODES]]
-            else:  # the inline switch and the floor only matter for a request alone
+            else:  # the inline switch, the shared pool and the floor: for a request alone
                 runs = [[(server, mode)] for server in servers[:2] for mode in MODES]
-            for targets_ in runs:
-                seconds = args.seconds * (2 if len(targets_) > 1 else 1)
+            for targets_ in runs:  # side by side: half a cell's time per server
+                seconds = args.seconds * max(1, len(targets_) / 4)
                 for r in asyncio.run(drive(targets_, bodies, c, seconds)):
                     print(json.dumps(r))
                     result["served"].append(r)
@@ -560,9 +585,10 @@ def main() -> int:
     runner = PackageRunner(model_dir, verify=False)
     result["raw"] = time_runner(runner, images, tau)
     result["batch_sizes"] = batch_curve(runner, images, tau)
-    result["threads"] = shared_pool_settings(model_dir, images, tau)
-    per_session, result["sessions"] = per_session_tables(model_dir, images, tau)
-    result["threads"] += per_session
+    result["threads"] = thread_settings(model_dir, images, tau)
+    result["sessions"] = session_costs(model_dir)
+    result["raw_shared_pool"], shared_rows = shared_pool_tables(model_dir, images, tau)
+    result["threads"] += shared_rows
     result["targets"] = targets(result)
     RESULTS.mkdir(parents=True, exist_ok=True)
     gpu = "gpu" if result["machine"]["gpu"] else "cpu"

@@ -92,7 +92,9 @@ def share_thread_pool(intra_op: int = 0, inter_op: int = 1) -> bool:
     A package is a dozen sessions run one after another; with a pool each, every session wakes
     its own sleeping threads, while one shared pool keeps the same threads warm from the trunk
     to the heads: the conditional path at batch 1 took 1.39-1.53 ms against 2.00-2.38 ms with a
-    pool per session, the original 1.69-1.87 against 2.25-2.42 (bench/README.md).
+    pool per session, the original 1.69-1.87 against 2.25-2.42. The price: ONNX Runtime's global
+    pool spins between runs (Python cannot turn that off), which starves other CPU work such as
+    decoding in worker threads; the service uses it only when asked (bench/README.md).
 
     ONNX Runtime fixes this when its environment is created, i.e. before the process's first
     session: once any session has its own threads, or the pool exists with other sizes, the
@@ -202,7 +204,6 @@ class PackageRunner:
         if head_threads is None:
             head_threads = (intra_op_threads if head_workers <= 1 else
                             max(1, (intra_op_threads or os.cpu_count() or 1) // head_workers))
-        self.head_threads = head_threads  # with a pool per session; the shared pool has its own
         head_options = session_options(head_threads, inter_op_threads, allow_spinning)
         self._sessions = {
             role: _Session(self.package_dir / comp.file, comp,

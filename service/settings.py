@@ -54,10 +54,12 @@ class Settings(BaseSettings):
         default=2, ge=1, description="Heads of one batch run at once on the CPU (1: one after "
         "another on every core); the small heads share the cores side by side.")
     shared_thread_pool: bool = Field(
-        default=True, description="Run all ONNX Runtime sessions on one process-wide thread pool "
-        "of CPCNN_INTRA_OP_THREADS / CPCNN_INTER_OP_THREADS threads (then the per-session thread "
-        "settings below do not apply): the conditional path at batch 1 took 1.39-1.53 ms with "
-        "it, 2.00-2.38 ms with a pool per session (bench/README.md).")
+        default=False, description="Run all ONNX Runtime sessions on one process-wide thread pool "
+        "of CPCNN_INTRA_OP_THREADS / CPCNN_INTER_OP_THREADS threads (the per-session thread "
+        "settings below then do not apply). Lower latency for a lone request (conditional, c=1: "
+        "0.2-0.9 ms less of 3.3-5.6 ms), but the pool's threads spin between runs and cost 18-26% "
+        "of the throughput of a mixed load with decoding in worker threads (the soak, five of "
+        "six paired runs); off by default (bench/README.md).")
     allow_spinning: bool = Field(
         default=False, description="Let ORT intra-op threads spin between ops. Off by default: "
         "on 2 cores, spinning threads of the idle sessions starve the running one (batch 32 "

@@ -13,14 +13,8 @@ import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are for people, not test logs
 
-from service.runner import share_thread_pool  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.pipeline import Run  # noqa: E402
-
-# The server's default: every ONNX Runtime session on one process-wide pool. Set up here, before
-# any test makes a session, so the whole suite runs on it whatever order the tests run in
-# (tests/test_runner.py checks a pool per session, in a process of its own).
-share_thread_pool()
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_PACKAGE = ROOT / "models" / "synthetic"  # committed: tests that need no training use it

@@ -120,3 +120,18 @@ def test_batch_curve_times_both_modes_at_each_batch_size():
         assert r["conditional_ms"] > 0 and r["original_ms"] > 0
         assert r["ratio"] == pytest.approx(r["conditional_ms"] / r["original_ms"])
         assert set(r["stages_ms"]) == {"trunk", "clustifier", "activator", "heads", "combine"}
+
+
+def test_soak_memory_growth_compares_medians_not_single_samples():
+    """A reload's swing in one sample, or a plateau reached early, is not growth; RSS rising
+    with the requests is."""
+    from bench.soak import rss_growth
+
+    settling = [250, 260, 300, 380, 300, 302, 299, 301, 300, 298, 360, 301]  # plateau, spikes
+    early, late, growth = rss_growth(settling)
+    assert (early, late) == (340, 330.5) and growth < 0  # second and last fifths, medians
+    rising = [300 + 10 * i for i in range(20)]  # a leak: +50% between the fifths compared
+    early, late, growth = rss_growth(rising)
+    assert early == 355 and late == 475 and growth > 0.3
+    assert rss_growth([500])[2] == 0.0
+    assert np.isnan(rss_growth([])[2])

@@ -71,15 +71,15 @@ def test_head_pool_is_off_with_io_binding():
 
 
 def test_head_threads_default_divides_the_cores_among_head_workers():
-    """With a pool per session (the sessions' own thread counts are checked in a process of its
-    own below; this one runs on the shared pool)."""
-    def head_threads(**kwargs):
-        return PackageRunner(SHIPPED_PACKAGE, verify=False, **kwargs).head_threads
+    def head_threads(runner):
+        return runner._sessions["head0"].session.get_session_options().intra_op_num_threads  # noqa: SLF001
 
-    assert head_threads(intra_op_threads=4) == 2
-    assert head_threads(intra_op_threads=1) == 1
-    assert head_threads(intra_op_threads=4, head_workers=1) == 4
-    assert head_threads(intra_op_threads=4, head_threads=3) == 3
+    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=4)) == 2
+    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=1)) == 1
+    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=4,
+                                      head_workers=1)) == 4
+    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=4,
+                                      head_threads=3)) == 3
 
 
 def test_normalize_is_the_training_formula_in_nchw():
@@ -107,6 +107,12 @@ if order == "pool-first":
     calls = [share_thread_pool(2, 1)]
     runner = PackageRunner(package, verify=False)
     calls.append(share_thread_pool(1, 1))  # other sizes: the pool already exists, kept
+elif order == "service":  # the runtime with CPCNN_SHARED_THREAD_POOL=true
+    from service.metrics import Metrics
+    from service.runtime import InferenceService
+    from service.settings import Settings
+    settings = Settings(model_dir=package, shared_thread_pool=True)
+    calls, runner = [], InferenceService(settings, Metrics())._load(settings.model_dir)
 else:  # a session with threads of its own first: too late for a shared pool
     runner = PackageRunner(package, verify=False)
     calls = [share_thread_pool(2, 1)]
@@ -140,18 +146,23 @@ def _probe_thread_pool(order: str) -> tuple[dict, str]:
 def test_shared_thread_pool_is_set_up_before_the_first_session_and_changes_no_answer():
     shared, shared_log = _probe_thread_pool("pool-first")
     own, own_log = _probe_thread_pool("session-first")
+    served, _ = _probe_thread_pool("service")
     # Before any session: every session of the process runs on the one pool, the export check's too
     # (ONNX Runtime would refuse a session with threads of its own in that process).
     assert shared["calls"] == [True, True] and shared["shared"]
     assert shared["export_check_own_threads"] is False
     assert "keeping those, not 1/1" in shared_log
+    # The runtime sets the pool up before loading the package when the setting asks for it.
+    assert served["shared"] and served["export_check_own_threads"] is False
     # After a session with threads of its own: nothing changes, and the log says why.
     assert own["calls"] == [False] and not own["shared"] and own["export_check_own_threads"]
+    assert "set the pool up before any session" in own_log
     assert own["head_session_threads"] == 2  # 4 intra-op threads shared by two head workers
     # ONNX Runtime warns for each session given thread counts on the shared pool: none given.
     assert "ignored when using a global thread pool" not in shared_log + own_log
-    assert "set the pool up before any session" in own_log
     # Same routes and scores either way.
-    assert shared["heads"] == own["heads"] and len({h[0] for h in own["heads"]}) > 1
-    np.testing.assert_allclose(shared["scores"], own["scores"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(shared["original"], own["original"], rtol=1e-5, atol=1e-6)
+    for other in (own, served):
+        assert shared["heads"] == other["heads"]
+        np.testing.assert_allclose(shared["scores"], other["scores"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(shared["original"], other["original"], rtol=1e-5, atol=1e-6)
+    assert len({h[0] for h in own["heads"]}) > 1

@@ -50,8 +50,8 @@ def server(synthetic_package):
     finally:
         log = stop(proc)
         assert "tok" not in log  # the admin token is never logged
-        # The default: the runtime set the shared ONNX Runtime pool up before its first session.
-        assert "one shared thread pool" in log, log
+        # The default: every ONNX Runtime session with threads of its own.
+        assert "a thread pool per session" in log, log
 
 
 def png(color) -> bytes:
