@@ -83,7 +83,7 @@ def normalize(images: np.ndarray, spec: InputSpec) -> np.ndarray:
 # The process-wide ONNX Runtime thread pool, once ``share_thread_pool`` has set it up:
 # (intra-op, inter-op) threads. ``None``: every session has threads of its own.
 _shared_pool: tuple[int, int] | None = None
-_own_pool_sessions = 0  # session options handed out with threads of their own
+_own_threads_given = False  # whether session options with threads of their own were made
 
 
 def share_thread_pool(intra_op: int = 0, inter_op: int = 1) -> bool:
@@ -106,10 +106,9 @@ def share_thread_pool(intra_op: int = 0, inter_op: int = 1) -> bool:
             logger.warning("the shared ONNX Runtime thread pool already has %d/%d threads; "
                            "keeping those, not %d/%d", *_shared_pool, intra_op, inter_op)
         return True
-    if _own_pool_sessions:
-        logger.warning("not sharing one ONNX Runtime thread pool: this process already made %d "
-                       "sessions with threads of their own (set the pool up before any session)",
-                       _own_pool_sessions)
+    if _own_threads_given:
+        logger.warning("not sharing one ONNX Runtime thread pool: this process already has "
+                       "sessions with threads of their own (set the pool up before any session)")
         return False
     ort.set_global_thread_pool_sizes(intra_op, inter_op)
     _shared_pool = (intra_op, inter_op)
@@ -123,13 +122,13 @@ def session_options(intra_op: int = 0, inter_op: int = 1,
     On the process's shared pool (``share_thread_pool``) the thread settings do not apply
     (ONNX Runtime refuses a session with threads of its own there); without it, the session
     gets a pool of ``intra_op`` threads (0: one per core)."""
-    global _own_pool_sessions
+    global _own_threads_given
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if _shared_pool is not None:  # thread counts here would only draw a warning per session
         options.use_per_session_threads = False
         return options
-    _own_pool_sessions += 1
+    _own_threads_given = True
     options.intra_op_num_threads = intra_op
     options.inter_op_num_threads = inter_op
     # Spinning threads answer the next op sooner but burn CPU between runs; with several
