@@ -222,6 +222,9 @@ async def drive(targets: Sequence[tuple[Server, str]], bodies: list[bytes], conc
             await conn.close()
     out = []
     for (server, mode), cell in zip(targets, cells, strict=True):
+        if not cell["latencies"]:  # e.g. a cell too short for every server to get its turn
+            raise RuntimeError(f"no answered request for {mode} on port {server.port} in {seconds:g} s "
+                               f"({cell['errors']} errors); give the bench more --seconds")
         lat = np.array(cell["latencies"])
         out.append({
             **server.settings, "mode": mode, "concurrency": concurrency, "requests": len(lat),
@@ -308,19 +311,15 @@ def _time_configs(model_dir: Path, configs: list[dict], images: np.ndarray, tau:
             for c, one, many in zip(configs, single, batched, strict=True)]
 
 
-def shared_pool_settings(model_dir: Path, images: np.ndarray, tau: float,
-                         rounds: int = 6) -> list[dict]:
-    """The process's shared ORT pool (``CPCNN_SHARED_THREAD_POOL``), heads one after another or
-    two at once. Call in a process that has set the pool up (``shared_pool_tables``)."""
-    configs = [{"head_workers": w} for w in (1, 2)]
-    return [{**row, "pool": "shared"}
-            for row in _time_configs(model_dir, configs, images, tau, rounds)]
-
-
 def _shared_pool_tables(model_dir: Path, images: np.ndarray, tau: float) -> tuple[list, list]:
+    """In the child process: set the shared pool up, then raw compute, and the thread-table
+    rows with heads one after another or two at once."""
     share_thread_pool()
-    runner = PackageRunner(model_dir, verify=False)
-    return time_runner(runner, images, tau), shared_pool_settings(model_dir, images, tau)
+    raw = time_runner(PackageRunner(model_dir, verify=False), images, tau)
+    configs = [{"head_workers": w} for w in (1, 2)]
+    rows = [{**row, "pool": "shared"}
+            for row in _time_configs(model_dir, configs, images, tau, rounds=6)]
+    return raw, rows
 
 
 def shared_pool_tables(model_dir: Path, images: np.ndarray, tau: float) -> tuple[list, list]:

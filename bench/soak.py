@@ -253,9 +253,9 @@ def rss_growth(samples: list[int]) -> tuple[float, float, float]:
     if not samples:
         return float("nan"), float("nan"), float("nan")
     k = max(1, len(samples) // 5)
-    early = samples[k:2 * k] if len(samples) >= 10 else samples[:k]
-    first, last = statistics.median(early), statistics.median(samples[-k:])
-    return first, last, last / first - 1
+    window = samples[k:2 * k] if len(samples) >= 10 else samples[:k]
+    early, late = statistics.median(window), statistics.median(samples[-k:])
+    return early, late, late / early - 1
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -62,8 +62,9 @@ class _FakeServer:
     """An HTTP/1.1 keep-alive server on loopback that answers every POST like /classify and
     records (server, mode) in arrival order."""
 
-    def __init__(self, name: str, log: list[tuple[str, str]]) -> None:
+    def __init__(self, name: str, log: list[tuple[str, str]], status: str = "200 OK") -> None:
         self.name, self.log, self.settings, self.port = name, log, {"server": name}, 0
+        self.status = status
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -77,7 +78,7 @@ class _FakeServer:
             await reader.readexactly(length)
             self.log.append((self.name, lines[0].split("mode=")[1].split(" ")[0]))
             body = b'{"results": [{"flops": {"total": 1, "saving": 0.0}}]}'
-            writer.write(b"HTTP/1.1 200 OK\r\nServer-Timing: total;dur=1.0\r\nContent-Length: "
+            writer.write(f"HTTP/1.1 {self.status}\r\n".encode() + b"Server-Timing: total;dur=1.0\r\nContent-Length: "
                          + str(len(body)).encode() + b"\r\n\r\n" + body)
             await writer.drain()
 
@@ -135,3 +136,16 @@ def test_soak_memory_growth_compares_medians_not_single_samples():
     assert early == 355 and late == 475 and growth > 0.3
     assert rss_growth([500])[2] == 0.0
     assert np.isnan(rss_growth([])[2])
+
+
+def test_drive_says_so_when_a_cell_got_no_answer():
+    """A server that answers nothing but errors (or a cell too short for its turn) is reported
+    as such, not as a numpy error on an empty list of latencies."""
+    server = _FakeServer("down", [], status="503 Service Unavailable")
+
+    async def run() -> list[dict]:
+        await server.start()
+        return await drive([(server, "conditional")], [b"image"], concurrency=1, seconds=0.2)
+
+    with pytest.raises(RuntimeError, match=r"no answered request for conditional .* errors\); give"):
+        asyncio.run(run())
