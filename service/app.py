@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from service.errors import StartupError, install_error_handlers
+from service.fastpath import ClassifyFastPath
 from service.logconfig import configure_logging
 from service.metrics import Metrics
 from service.middleware import AllowHeaderMiddleware, MetricsMiddleware, StartupFailureMiddleware
@@ -108,6 +109,9 @@ def create_app(settings: Settings | None = None, *,
     if settings is not None:
         app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)
+    # Innermost first: the fast path sits inside the metrics and error middlewares, so what it
+    # serves is counted and guarded like any other request.
+    app.add_middleware(ClassifyFastPath)
     app.add_middleware(AllowHeaderMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(StartupFailureMiddleware)

@@ -152,13 +152,18 @@ def describe_validation_errors(errors: Sequence[Any], where: str | None = None) 
     return "; ".join(parts) or "invalid request"
 
 
+def service_error_response(request: Request, exc: ServiceError) -> JSONResponse:
+    """The answer to a ``ServiceError`` (the app's handler, and the /classify fast path's)."""
+    status = status_for(exc)
+    if status >= 500:
+        logger.error("%s %s: %s", request.method, request.url.path, exc.message)
+    return JSONResponse(error_body(exc.code, exc.message), status_code=status, headers=exc.headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        status = status_for(exc)
-        if status >= 500:
-            logger.error("%s %s: %s", request.method, request.url.path, exc.message)
-        return JSONResponse(error_body(exc.code, exc.message), status_code=status, headers=exc.headers)
+        return service_error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

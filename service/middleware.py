@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,10 +44,22 @@ class MetricsMiddleware:
             self.metrics.observe_request(endpoint, method, status, time.perf_counter() - t0)
 
 
+def _flat(routes: list[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes themselves: FastAPI (0.165 here) lists an included router as one entry that
+    holds the router's routes (``original_router``); the paths inside are already complete, as
+    the service includes its routers without a prefix."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _flat(inner.routes)
+        else:
+            yield route
+
+
 def allowed_methods(routes: list[BaseRoute], scope: Scope) -> list[str]:
     """The methods the documented routes accept on this request's path (all of them)."""
     methods: set[str] = set()
-    for route in routes:
+    for route in _flat(routes):
         documented = isinstance(route, Route) and route.include_in_schema and route.methods
         if documented and route.matches(scope)[0] is not Match.NONE:
             methods |= route.methods

@@ -168,6 +168,7 @@ class InferenceService:
                 inter_op_threads=s.inter_op_threads,
                 head_threads=s.head_threads,
                 head_workers=s.head_workers,
+                wide_head_mflops=s.wide_head_mflops,
                 allow_spinning=s.allow_spinning,
                 verify=s.verify_checksums,
                 io_binding=s.io_binding,

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     head_workers: int = Field(
         default=2, ge=1, description="Heads of one batch run at once on the CPU (1: one after "
         "another on every core); the small heads share the cores side by side.")
+    wide_head_mflops: float = Field(
+        default=40.0, ge=0, allow_inf_nan=False, description="Heads of at least this many MFLOPs "
+        "per image also get a session on every core, used when all images of a batch go to that "
+        "head (with CPCNN_HEAD_WORKERS > 1 a head otherwise runs on its share of the cores). On 2 "
+        "cores a head's work of 19-37 MFLOPs ran as fast on one core as on two, 56 MFLOPs 19% and "
+        "168 MFLOPs 38% faster on two; 0 turns it off (bench/README.md).")
     shared_thread_pool: bool = Field(
         default=False, description="Run all ONNX Runtime sessions on one process-wide thread pool "
         "of CPCNN_INTRA_OP_THREADS / CPCNN_INTER_OP_THREADS threads (the per-session thread "
@@ -70,6 +76,12 @@ class Settings(BaseSettings):
     inference_concurrency: int = Field(
         default=1, ge=1, description="Inference calls allowed to run at once (worker threads)."
     )
+    classify_fast_path: bool = Field(
+        default=True, description="Serve plainly spelled POST /classify requests (a ready "
+        "service, top_k/tau/mode written plainly) without FastAPI's routing, dependencies and "
+        "query validation; anything else still goes through FastAPI. The same endpoint code "
+        "runs either way. Served on 2 cores: ~0.45 ms less a request at c=1, 18-28% more "
+        "throughput at c=32 (bench/README.md).")
     inline_when_idle: bool = Field(
         default=True, description="Run a small model run (at most 4 images) on the event loop "
         "when no other request is in flight, instead of in a worker thread: the hop there and "

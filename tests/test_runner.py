@@ -65,6 +65,54 @@ def test_heads_run_at_once_give_the_same_predictions(images, tau):
         np.testing.assert_allclose(pa.scores, pb.scores, rtol=1e-5, atol=1e-6)
 
 
+def test_a_lone_big_head_runs_on_every_core(images):
+    """Heads of at least ``wide_head_mflops`` per image also get a session on every core, taken
+    when all images of a batch go to that head; the answers are those of the head's own session,
+    and a batch with several heads keeps the per-worker sessions (the head pool)."""
+    wide = PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2,
+                         wide_head_mflops=1e-9)  # every head
+    narrow = PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2, wide_head_mflops=0)
+    assert narrow._wide_heads == {}  # noqa: SLF001  (0: off)
+    head_threads = {role: s.session.get_session_options().intra_op_num_threads
+                    for role, s in wide._wide_heads.items()}  # noqa: SLF001
+    assert set(head_threads) == {f"head{h}" for h in range(wide.manifest.num_clusters)}
+    assert set(head_threads.values()) == {2}
+    assert wide._sessions["head0"].session.get_session_options().intra_op_num_threads == 1  # noqa: SLF001
+
+    calls: list[str] = []
+    for role, session in list(wide._wide_heads.items()):  # noqa: SLF001
+        wide._wide_heads[role] = lambda x, role=role, run=session: calls.append(role) or run(x)  # noqa: SLF001
+    lone = [wide.run(img[None], 0.0) for img in images]  # τ = 0: one head per image
+    assert calls == [f"head{r.predictions[0].activation.heads[0]}" for r in lone]
+    for got, image in zip(lone, images, strict=True):
+        want = narrow.run(image[None], 0.0).predictions[0]
+        assert got.predictions[0].activation == want.activation
+        np.testing.assert_allclose(got.predictions[0].scores, want.scores, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    mixed = wide.run(images, 0.0)  # several heads in one batch: the pool, one core each
+    assert calls == [] and len({p.activation.heads[0] for p in mixed.predictions}) > 1
+    calls.clear()
+    wide.run(images, 1.0)  # τ = 1: every head on every image
+    assert calls == []
+
+
+def test_only_heads_big_enough_get_a_session_on_every_core():
+    flops = PackageRunner(SHIPPED_PACKAGE, verify=False).head_flops
+    line = sorted(flops)[len(flops) // 2] / 1e6  # MFLOPs of the median head
+    runner = PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2, wide_head_mflops=line)
+    assert set(runner._wide_heads) == {f"head{h}" for h, f in enumerate(flops) if f >= line * 1e6}  # noqa: SLF001
+    assert PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2,
+                         wide_head_mflops=max(flops) / 1e6 * 2)._wide_heads == {}  # noqa: SLF001
+
+
+def test_no_wide_heads_where_the_heads_have_every_core_already():
+    assert PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2,
+                         head_workers=1)._wide_heads == {}  # noqa: SLF001
+    assert PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2,
+                         head_threads=2)._wide_heads == {}  # noqa: SLF001
+    assert PackageRunner(SHIPPED_PACKAGE, verify=False, io_binding=True)._wide_heads == {}  # noqa: SLF001
+
+
 def test_head_pool_is_off_with_io_binding():
     runner = PackageRunner(SHIPPED_PACKAGE, verify=False, io_binding=True, head_workers=2)
     assert runner._head_pool is None  # noqa: SLF001

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from service.deps import ReadyServiceDep, SettingsDep
-from service.runtime import Mode
+from service.runtime import InferenceService, Mode
 from service.schemas import ClassifyResponse, Latency, classify_response, error_responses
 from service.settings import Settings
 from service.upload import read_images
@@ -48,6 +48,32 @@ def server_timing(latency: Latency) -> str:
     return ", ".join(f"{stage};dur={seconds * 1000:.3f}" for stage, seconds in stages.items())
 
 
+async def classify_images(request: Request, service: InferenceService, settings: Settings,
+                          top_k: int | None, tau: float | None, mode: Mode) -> Response:
+    """The work of ``POST /classify`` once its parameters are valid: read the images, run them,
+    answer. The route below and the fast path (``service.fastpath``) both end here."""
+    t0 = time.perf_counter()
+    images = await read_images(request, max_body_bytes=settings.max_body_bytes,
+                               max_files=settings.max_files)
+    outcome = await service.classify(images, tau=tau, mode=mode)
+    body = classify_response(outcome, top_k or settings.default_top_k, time.perf_counter() - t0)
+    # A ready Response: FastAPI would otherwise validate the model it was just built from again
+    # before serialising it (~0.1 ms a request); ``response_model`` still documents the shape.
+    return Response(body.model_dump_json(), media_type="application/json",
+                    headers={"Server-Timing": server_timing(body.latency)})
+
+
+# The query parameters, declared once for FastAPI (which validates and documents them); the fast
+# path reads only their plainest spellings and leaves the rest to FastAPI (service.fastpath).
+TopK = Annotated[int | None, Query(
+    ge=1, description="Labels per image; larger than the number of classes is clamped to it. "
+    "Default: CPCNN_DEFAULT_TOP_K.")]
+Tau = Annotated[float | None, Query(
+    ge=0.0, le=1.0, allow_inf_nan=False,
+    description="τ for this request only, in [0, 1]; default: the server's current τ.")]
+ModeQuery = Annotated[Mode, Query(description="conditional (CP-CNN) or original (baseline).")]
+
+
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
@@ -58,25 +84,7 @@ def server_timing(latency: Latency) -> str:
     "picks at τ (`mode=conditional`), or the original model (`mode=original`, for A/B). "
     "Stage latency is also sent in the `Server-Timing` header (milliseconds).",
 )
-async def classify(
-    request: Request,
-    service: ReadyServiceDep,
-    settings: SettingsDep,
-    top_k: Annotated[int | None, Query(
-        ge=1, description="Labels per image; larger than the number of classes is clamped to it. "
-        "Default: CPCNN_DEFAULT_TOP_K.")] = None,
-    tau: Annotated[float | None, Query(
-        ge=0.0, le=1.0, allow_inf_nan=False,
-        description="τ for this request only, in [0, 1]; default: the server's current τ.")] = None,
-    mode: Annotated[Mode, Query(description="conditional (CP-CNN) or original (baseline).")]
-    = "conditional",
-) -> ClassifyResponse:
-    t0 = time.perf_counter()
-    images = await read_images(request, max_body_bytes=settings.max_body_bytes,
-                               max_files=settings.max_files)
-    outcome = await service.classify(images, tau=tau, mode=mode)
-    body = classify_response(outcome, top_k or settings.default_top_k, time.perf_counter() - t0)
-    # A ready Response: FastAPI would otherwise validate the model it was just built from again
-    # before serialising it (~0.1 ms a request); ``response_model`` still documents the shape.
-    return Response(body.model_dump_json(), media_type="application/json",
-                    headers={"Server-Timing": server_timing(body.latency)})
+async def classify(request: Request, service: ReadyServiceDep, settings: SettingsDep,
+                   top_k: TopK = None, tau: Tau = None,
+                   mode: ModeQuery = "conditional") -> ClassifyResponse:
+    return await classify_images(request, service, settings, top_k, tau, mode)  # type: ignore[return-value]
