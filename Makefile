@@ -12,7 +12,7 @@ PORT ?= 8000
 DEFAULT_MODEL := $(firstword $(wildcard models/tiny-imagenet-200/manifest.json) models/synthetic/manifest.json)
 MODEL_DIR ?= $(patsubst %/,%,$(dir $(DEFAULT_MODEL)))
 
-.PHONY: help serve test lint train-synthetic train-tiny bench soak clean
+.PHONY: help serve test lint train-synthetic train-tiny bench bench-probe soak clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -53,6 +53,14 @@ clean:
 
 bench: $(VENV)/.dev $(MODEL_DIR)/manifest.json  ## serving benchmark -> bench/results/ (not part of the tests)
 	$(BIN)/python bench/serve_bench.py --model-dir $(MODEL_DIR) $(BENCH_ARGS)
+
+# A 9x-FLOP package on synthetic data (configs/latency-probe.toml): where compute dominates a request.
+PROBE_DIR := runs/latency-probe/package
+$(PROBE_DIR)/manifest.json: | $(VENV)/.dev
+	$(BIN)/python -m training run --config configs/latency-probe.toml
+
+bench-probe: $(VENV)/.dev $(PROBE_DIR)/manifest.json  ## the same benchmark on the latency probe (trains it first, ~4 min)
+	$(BIN)/python bench/serve_bench.py --model-dir $(PROBE_DIR) $(BENCH_ARGS)
 
 soak: $(VENV)/.dev $(MODEL_DIR)/manifest.json  ## soak + chaos (reloads, τ changes) on 127.0.0.1 -> bench/results/ (not part of the tests)
 	$(BIN)/python bench/soak.py --model-dir $(MODEL_DIR) $(SOAK_ARGS)

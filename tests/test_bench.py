@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bench import floor_app
-from bench.serve_bench import batch_curve, drive, encode_png, targets
+from bench.serve_bench import batch_curve, drive, encode_png, overhead_room, targets
 from service.runner import PackageRunner
 from tests.conftest import SHIPPED_PACKAGE
 
@@ -56,6 +56,30 @@ def test_targets_judge_the_service_not_the_floor():
     assert "the floor server: 1.00 ms vs bound 6.00 ms" in flops_target["detail"]
     assert not overhead_target["ok"]  # 9.0 > 1.3 × 2.0
     assert "the floor server: 1.00 ms = 0.50×" in overhead_target["detail"]
+    # Raw 2.0 vs 4.0 ms at a 50% saving leaves (0.6 × 4 − 2) / 0.4 = 1.0 ms for serving; the
+    # service spent 9.0 − 2.0 = 7.0 ms beyond raw compute.
+    assert flops_target["overhead_room_ms"] == pytest.approx(1.0)
+    assert "at most 1.00 ms a request for serving" in flops_target["detail"]
+    assert "the service 7.00 ms" in flops_target["detail"]
+    assert overhead_target["overhead_room_ms"] == pytest.approx(0.6)  # 0.3 × raw 2.0
+
+
+@pytest.mark.parametrize("saving", [0.1, 0.32, 0.6, 0.9])
+def test_overhead_room_is_a_quarter_of_raw_compute_when_time_follows_flops(saving):
+    raw_orig = 8.0
+    room = overhead_room((1 - saving) * raw_orig, raw_orig, saving)
+    assert room == pytest.approx(raw_orig / 4)
+    # Served with exactly that overhead, the conditional path sits on the target's bound.
+    served_cond, served_orig = (1 - saving) * raw_orig + room, raw_orig + room
+    assert served_cond == pytest.approx(served_orig * (1 - 0.8 * saving))
+
+
+def test_overhead_room_is_negative_when_compute_saves_too_little_time():
+    # 32% fewer FLOPs but only 10% less time at batch 1: no serving overhead is small enough.
+    assert overhead_room(0.9, 1.0, 0.32) < 0
+    result = {"concurrency": [1], "served": [_cell("conditional", 1.5), _cell("original", 1.6)],
+              "raw": [{"mode": "conditional", "p50_ms": 0.9}, {"mode": "original", "p50_ms": 1.0}]}
+    assert "no server can meet it" in targets(result)[0]["detail"]
 
 
 class _FakeServer:
