@@ -4,9 +4,10 @@ very ``PackageRunner`` the service uses.
 The benchmark serves it beside the real app at concurrency 1 (``uvicorn bench.floor_app:app``),
 to split the time a request spends outside ONNX Runtime in two: what any Python HTTP server on
 this machine pays (uvicorn with uvloop and httptools, the loopback socket, PNG decoding, a JSON
-answer, the load generator sharing the cores) and what the service adds on top (FastAPI routing
-and validation, the micro-batcher, metrics, the full response). A target that even this floor
-misses cannot be met by trimming the service.
+answer, the load generator sharing the cores) and what the service adds on top (the metrics and
+error middlewares, the upload limits, the micro-batcher, metrics, the full response; FastAPI's
+routing and validation only for requests the /classify fast path leaves to it). A target that
+even this floor misses cannot be met by trimming the service.
 
 A measuring instrument, not a product: no limits, no error handling worth the name, no metrics,
 no batching, one τ (``CPCNN_TAU`` or the package's) and only the fields the load generator reads.
