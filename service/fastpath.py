@@ -3,9 +3,9 @@ requests that need none of them.
 
 On the 2-core machine FastAPI's machinery around the endpoint (the exception and exit-stack
 middlewares, matching the path among the routes, solving three dependencies, validating three
-query parameters with pydantic) cost ~0.45 ms of a ~4.5 ms request at c=1, and under load it runs
-on the event loop beside the model: served at c=32 the app without it answered 497, 448 and 453
-req/s against 617, 576 and 537 with it (bench/README.md).
+query parameters with pydantic) cost 0.1-0.6 ms of a 3.5-5 ms request at c=1, and under load it
+runs on the event loop beside the model: side by side in the bench, the app without the fast path
+served 10-11% fewer requests at c=8 and c=32 (bench/README.md).
 
 The fast path takes a request only when FastAPI would have nothing to decide: a ready service, the
 path exactly ``/classify`` with no root path, and a query whose parameters are spelled plainly

@@ -64,6 +64,18 @@ def test_targets_judge_the_service_not_the_floor():
     assert overhead_target["overhead_room_ms"] == pytest.approx(0.6)  # 0.3 × raw 2.0
 
 
+def test_batching_target_takes_the_default_server_alone_not_its_side_by_side_rows():
+    def row(batching, rps, **settings):
+        return {**_cell("conditional", 10.0, batching=batching, **settings), "concurrency": 32,
+                "throughput_rps": rps}
+
+    served = [row(True, 300.0, interleaved=True),  # beside the no-fast-path server: shared time
+              row(True, 250.0, interleaved=True, classify_fast_path=False),
+              row(True, 600.0), row(False, 250.0)]
+    target = targets({"served": served, "concurrency": [32], "raw": []})[-1]
+    assert target["ok"] and "600.0 vs 250.0 req/s = 2.40×" in target["detail"]
+
+
 @pytest.mark.parametrize("saving", [0.1, 0.32, 0.6, 0.9])
 def test_overhead_room_is_a_quarter_of_raw_compute_when_time_follows_flops(saving):
     raw_orig = 8.0
