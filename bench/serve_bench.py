@@ -593,7 +593,7 @@ def main() -> int:
     # same runner (bench/floor_app.py). At c=1 one client goes over all (server, mode) pairs (the
     # servers in turns of BLOCK_SECONDS, a server's modes request by request), so the c=1
     # figures the targets compare are measured side by side; at higher concurrency each
-    # (server, mode) has the machine alone.
+    # (server, mode) has the machine alone, except the fast-path pair (side by side).
     servers: list[Server] = []
     try:
         for batching, inline, shared, fast in ((True, True, False, True), (False, True, False, True),

@@ -201,9 +201,10 @@ class PackageRunner:
         # (``head_threads``; 1 each on 2 cores). Measured on 2 cores against every head in turn
         # on both cores, 11 interleaved runs: batch 1 faster in 9 (up to 14%), equal in 2; batch
         # 32 faster in 8, 2-5% slower in 3 (bench/README.md).
+        cores = intra_op_threads or os.cpu_count() or 1  # what the trunk's session gets
         if head_threads is None:
             head_threads = (intra_op_threads if head_workers <= 1 else
-                            max(1, (intra_op_threads or os.cpu_count() or 1) // head_workers))
+                            max(1, cores // head_workers))
         head_options = session_options(head_threads, inter_op_threads, allow_spinning)
         self._sessions = {
             role: _Session(self.package_dir / comp.file, comp,
@@ -226,8 +227,7 @@ class PackageRunner:
         if head_workers > 1 and not self.io_binding:
             self._head_pool = ThreadPoolExecutor(head_workers, thread_name_prefix="cpcnn-heads")
             weakref.finalize(self, self._head_pool.shutdown, wait=False)
-            all_cores = intra_op_threads or os.cpu_count() or 1
-            if wide_head_mflops > 0 and 0 < head_threads < all_cores and not self.shared_thread_pool:
+            if wide_head_mflops > 0 and 0 < head_threads < cores and not self.shared_thread_pool:
                 self._wide_heads = {
                     f"head{c.index}": _Session(self.package_dir / c.head.file, c.head, options,
                                                self.providers)
@@ -334,18 +334,19 @@ class PackageRunner:
         if host is None and any(len(idx) < len(activations) for _, idx in groups):
             host = features.numpy()  # (N, C', H', W'), once per batch
 
-        def run_head(group: tuple[int, list[int]], sessions: dict[str, _Session]) -> np.ndarray:
+        def run_head(group: tuple[int, list[int]],
+                     sessions: dict[str, _Session] = self._sessions) -> np.ndarray:
             h, idx = group
             session = sessions[f"head{h}"]
             batch = features if len(idx) == len(activations) else host[idx]
             return session.run_bound(batch).numpy() if self.io_binding else session(batch)
 
         if self._head_pool is not None and len(groups) > 1:
-            results = list(self._head_pool.map(run_head, groups, [self._sessions] * len(groups)))
+            results = list(self._head_pool.map(run_head, groups))
         elif len(groups) == 1 and f"head{groups[0][0]}" in self._wide_heads:
             results = [run_head(groups[0], self._wide_heads)]
         else:
-            results = [run_head(g, self._sessions) for g in groups]
+            results = [run_head(g) for g in groups]
         out: list[dict[int, np.ndarray]] = [{} for _ in activations]
         for (h, idx), logits in zip(groups, results, strict=True):
             for row, i in enumerate(idx):
