@@ -26,6 +26,14 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("trunk", "clustifier", "activator", "heads", "combine")
 
+# Heads of a batch run two at once (the head pool) only from this many images up: a lone image's
+# heads run one after another on the calling thread, where the hop to the pool's threads and
+# back costs more than the overlap wins. Default model, 2 cores, heads stage of a batch-1 image
+# routed to two heads: 0.77-0.91 ms one after another against 1.06-1.25 ms on the pool (4 runs).
+# From 2 to 4 images the two ways were within noise of each other (12 runs), from 5 images up
+# the pool was 13-33% faster (7 runs; bench/README.md).
+HEADS_AT_ONCE_MIN_IMAGES = 2
+
 
 @dataclass(frozen=True)
 class Flops:
@@ -341,7 +349,8 @@ class PackageRunner:
             batch = features if len(idx) == len(activations) else host[idx]
             return session.run_bound(batch).numpy() if self.io_binding else session(batch)
 
-        if self._head_pool is not None and len(groups) > 1:
+        if (self._head_pool is not None and len(groups) > 1
+                and len(activations) >= HEADS_AT_ONCE_MIN_IMAGES):
             results = list(self._head_pool.map(run_head, groups))
         elif len(groups) == 1 and f"head{groups[0][0]}" in self._wide_heads:
             results = [run_head(groups[0], self._wide_heads)]

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bench import floor_app
-from bench.serve_bench import batch_curve, drive, encode_png, overhead_room, targets
+from bench.serve_bench import InProcess, batch_curve, drive, encode_png, overhead_room, targets
 from service.runner import PackageRunner
 from tests.conftest import SHIPPED_PACKAGE
 
@@ -74,6 +74,53 @@ def test_batching_target_takes_the_default_server_alone_not_its_side_by_side_row
               row(True, 600.0), row(False, 250.0)]
     target = targets({"served": served, "concurrency": [32], "raw": []})[-1]
     assert target["ok"] and "600.0 vs 250.0 req/s = 2.40×" in target["detail"]
+
+
+def test_c1_targets_take_raw_compute_measured_beside_the_servers():
+    """The in-process rows' own run time (side by side with the servers) is the raw compute the
+    c=1 targets compare with; the tight loop's figure is still reported; the in-process rows are
+    never judged as the service."""
+    served = [_cell("conditional", 3.0), _cell("original", 3.1),
+              _cell("conditional", 0.5, batching=False, raw=True),  # first: must not be "the service"
+              _cell("original", 0.6, batching=False, raw=True)]
+    for row, run_ms in zip(served[2:], (2.5, 2.6), strict=True):
+        row["server_p50_ms"] = run_ms
+    result = {"served": served, "concurrency": [1],
+              "raw": [{"mode": "conditional", "p50_ms": 2.0}, {"mode": "original", "p50_ms": 2.1}]}
+    flops_target, overhead_target = targets(result)[:2]
+    assert "3.00 ms vs bound" in flops_target["detail"]
+    assert flops_target["overhead_room_ms"] == pytest.approx(overhead_room(2.5, 2.6, 0.5))
+    assert overhead_target["ok"]  # 3.0 <= 1.3 x 2.5 (not 1.3 x 2.0)
+    assert overhead_target["detail"].startswith("3.00 ms vs raw 2.50 ms = 1.20×")
+    assert "against the tight loop's raw 2.00 ms: 1.50×" in overhead_target["detail"]
+    assert overhead_target["overhead_room_ms"] == pytest.approx(0.75)
+
+
+def test_in_process_raw_compute_takes_its_turn_beside_a_server():
+    """Driven like a server, the in-process runner answers each image with the runner's own FLOPs
+    and reports the run's time as its server time."""
+    runner = PackageRunner(SHIPPED_PACKAGE, verify=False)
+    size = runner.manifest.input.size
+    images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+    bodies = encode_png(images)
+    log: list[tuple[str, str]] = []
+    server = _FakeServer("a", log)
+    in_process = InProcess(runner, images, bodies, tau=0.5)
+
+    async def run() -> list[dict]:
+        await server.start()
+        targets_ = [(t, mode) for t in (server, in_process) for mode in ("conditional", "original")]
+        return await drive(targets_, bodies, concurrency=1, seconds=0.8, block_seconds=0.1)
+
+    cells = asyncio.run(run())
+    assert all(c["requests"] > 0 and c["errors"] == 0 and c["interleaved"] for c in cells)
+    assert log  # the server had its turns too
+    raw_cond, raw_orig = cells[2:]
+    assert raw_cond["raw"] and raw_orig["raw"] and not raw_cond["batching"]
+    assert raw_orig["mean_flops"] == runner.manifest.original.flops
+    expected = [runner.run(img[None], 0.5).predictions[0].flops.total for img in images]
+    assert min(expected) <= raw_cond["mean_flops"] <= max(expected)
+    assert 0 < raw_cond["server_p50_ms"] <= raw_cond["p50_ms"]
 
 
 @pytest.mark.parametrize("saving", [0.1, 0.32, 0.6, 0.9])

@@ -65,6 +65,32 @@ def test_heads_run_at_once_give_the_same_predictions(images, tau):
         np.testing.assert_allclose(pa.scores, pb.scores, rtol=1e-5, atol=1e-6)
 
 
+def test_a_lone_images_heads_run_one_after_another(images):
+    """A batch of one image runs its heads one after another on the calling thread (the hop to
+    the pool costs more than it wins there); batches of several images with several heads run
+    them on the pool. Either way the answers are the serial runner's."""
+    pooled = PackageRunner(SHIPPED_PACKAGE, verify=False)
+    serial = PackageRunner(SHIPPED_PACKAGE, verify=False, head_workers=1)
+    pool, mapped = pooled._head_pool, []  # noqa: SLF001
+
+    class SpyPool:
+        def map(self, fn, groups):
+            groups = list(groups)
+            mapped.append(len(groups))
+            return pool.map(fn, groups)
+
+    pooled._head_pool = SpyPool()  # noqa: SLF001
+    k = pooled.manifest.num_clusters
+    for batch, pool_calls in ((images[:1], []), (images[3:4], []), (images[:2], [k]),
+                              (images[:8], [k])):
+        mapped.clear()
+        got, want = pooled.run(batch, 1.0), serial.run(batch, 1.0)  # τ = 1: every head
+        assert mapped == pool_calls
+        for a, b in zip(got.predictions, want.predictions, strict=True):
+            assert a.activation == b.activation and len(a.activation.heads) == k
+            np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+
+
 def test_a_lone_big_head_runs_on_every_core(images):
     """Heads of at least ``wide_head_mflops`` per image also get a session on every core, taken
     when all images of a batch go to that head; the answers are those of the head's own session,
