@@ -8,8 +8,9 @@ For each server configuration (micro-batching on, then off) it starts a real uvi
 image per request, raw ``image/png`` bodies) for a fixed time per (mode, concurrency). At
 concurrency 1 the package runner in-process takes its turn with the servers on the same images,
 already decoded (the "raw" compute a server at concurrency 1 wraps, measured side by side with
-them); afterwards it is timed in a tight loop too, plus the ORT thread settings side by side. Results go to
-``bench/results/<machine>-<package>-<version>.{json,md}`` with the machine they were measured on.
+them); afterwards it is timed in a tight loop too, plus the ORT thread settings side by side.
+Results go to ``bench/results/<machine>-<package>-<version>.{json,md}`` with the machine they were
+measured on.
 All figures are medians/percentiles of one run; compare ratios within a file, not across machines.
 """
 
@@ -196,11 +197,12 @@ def server_total_ms(server_timing: str) -> float:
 
 
 async def drive(targets: Sequence[tuple[Server | InProcess, str]], bodies: list[bytes],
-                concurrency: int,
-                seconds: float, block_seconds: float = BLOCK_SECONDS) -> list[dict]:
+                concurrency: int, seconds: float,
+                block_seconds: float = BLOCK_SECONDS) -> list[dict]:
     """Closed loop: ``concurrency`` clients send one image per request until time is up.
 
-    ``targets`` are (server, mode) pairs. With several, they are measured side by side (a noisy
+    ``targets`` are (server, mode) pairs; a "server" may be the in-process runner (``InProcess``),
+    which answers in the loop itself instead of over a connection. With several, they are measured side by side (a noisy
     neighbour hits them alike), one cell per target, its throughput counted over the shared time:
     the clients take the servers in turn, ``block_seconds`` each, and within a block alternate
     that server's modes request by request in an order drawn anew each round. Blocks, because a
@@ -428,8 +430,8 @@ def markdown(result: dict) -> str:
               "Latency is measured by the client (send to last byte); 'server p50' is the server's "
               "own time (`Server-Timing: total`, request body read to response built). ⇄: one "
               "client went over all the c=1 ⇄ rows for half a cell's time per server, six servers up "
-              f"at once and the raw compute in-process, taking the servers in turn for {BLOCK_SECONDS:g} s each and alternating a "
-              "server's two modes request by request in a random order (side by side); 'not "
+              "at once and the raw compute in-process, taking the servers in turn for "
+              f"{BLOCK_SECONDS:g} s each and alternating a server's two modes request by request in a random order (side by side); 'not "
               "inline': `CPCNN_INLINE_WHEN_IDLE=false` (every model run in a worker thread); "
               "'shared ORT pool': `CPCNN_SHARED_THREAD_POOL=true`; 'no fast path': "
               "`CPCNN_CLASSIFY_FAST_PATH=false` (every request through FastAPI's routing and "
@@ -462,8 +464,8 @@ def markdown(result: dict) -> str:
                      f"{r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_p50_ms']:.2f} | "
                      f"{r['mean_flops'] / 1e6:.2f} | "
                      f"{100 * r['flop_saving']:.1f}% |")
-    lines += ["", "Raw compute in-process in a tight loop after the servers (package runner, batch 1, "
-              "same images, the modes alternating image by image):", "",
+    lines += ["", "Raw compute in-process in a tight loop after the servers (package runner, "
+              "batch 1, same images, the modes alternating image by image):", "",
               "| mode | p50 ms | p95 ms |", "|---|---|---|"]
     for r in result["raw"]:
         lines.append(f"| {r['mode']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} |")
