@@ -202,16 +202,16 @@ async def drive(targets: Sequence[tuple[Server | InProcess, str]], bodies: list[
     """Closed loop: ``concurrency`` clients send one image per request until time is up.
 
     ``targets`` are (server, mode) pairs; a "server" may be the in-process runner (``InProcess``),
-    which answers in the loop itself instead of over a connection. With several, they are measured side by side (a noisy
-    neighbour hits them alike), one cell per target, its throughput counted over the shared time:
-    the clients take the servers in turn, ``block_seconds`` each, and within a block alternate
-    that server's modes request by request in an order drawn anew each round. Blocks, because a
-    request that follows one to another server finds that server's model out of the CPU caches:
-    alternating over two servers request by request added 0.2-0.85 ms to their requests at c=1
-    (three runs), a cost no server alone pays and raw compute (one process) does not show. A new
-    order each round, because in a fixed one the original always came second on its server and
-    measured 0.3-0.4 ms faster than the conditional path at c=1 (in a random order, 0.1-0.5 ms
-    slower).
+    which answers in the loop itself instead of over a connection. With several, they are measured
+    side by side (a noisy neighbour hits them alike), one cell per target, its throughput counted
+    over the shared time: the clients take the servers in turn, ``block_seconds`` each, and within a
+    block alternate that server's modes request by request in an order drawn anew each round.
+    Blocks, because a request that follows one to another server finds that server's model out of
+    the CPU caches: alternating over two servers request by request added 0.2-0.85 ms to their
+    requests at c=1 (three runs), a cost no server alone pays and raw compute (one process) does not
+    show. A new order each round, because in a fixed one the original always came second on its
+    server and measured 0.3-0.4 ms faster than the conditional path at c=1 (in a random order,
+    0.1-0.5 ms slower).
     """
     cells = [{"latencies": [], "server_ms": [], "flops": [], "savings": [], "errors": 0}
              for _ in targets]
@@ -431,7 +431,8 @@ def markdown(result: dict) -> str:
               "own time (`Server-Timing: total`, request body read to response built). ⇄: one "
               "client went over all the c=1 ⇄ rows for half a cell's time per server, six servers up "
               "at once and the raw compute in-process, taking the servers in turn for "
-              f"{BLOCK_SECONDS:g} s each and alternating a server's two modes request by request in a random order (side by side); 'not "
+              f"{BLOCK_SECONDS:g} s each and alternating a server's two modes request by request "
+              "in a random order (side by side); 'not "
               "inline': `CPCNN_INLINE_WHEN_IDLE=false` (every model run in a worker thread); "
               "'shared ORT pool': `CPCNN_SHARED_THREAD_POOL=true`; 'no fast path': "
               "`CPCNN_CLASSIFY_FAST_PATH=false` (every request through FastAPI's routing and "
@@ -647,8 +648,8 @@ def main() -> int:
     # same runner (bench/floor_app.py). At c=1 one client goes over all (server, mode) pairs and
     # the raw compute in-process (``InProcess``; the servers and it in turns of BLOCK_SECONDS, a
     # server's modes request by request), so the c=1 figures the targets compare are measured
-    # side by side; at higher concurrency each
-    # (server, mode) has the machine alone, except the fast-path pair (side by side).
+    # side by side; at higher concurrency each (server, mode) has the machine alone, except the
+    # fast-path pair (side by side).
     runner = PackageRunner(model_dir, verify=False)  # raw compute, with the servers' settings
     servers: list[Server] = []
     try:

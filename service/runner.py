@@ -26,13 +26,16 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("trunk", "clustifier", "activator", "heads", "combine")
 
-# Heads of a batch run two at once (the head pool) only from this many images up: a lone image's
-# heads run one after another on the calling thread, where the hop to the pool's threads and
-# back costs more than the overlap wins. Default model, 2 cores, heads stage of a batch-1 image
-# routed to two heads: 0.77-0.91 ms one after another against 1.06-1.25 ms on the pool (4 runs).
-# From 2 to 4 images the two ways were within noise of each other (12 runs), from 5 images up
-# the pool was 13-33% faster (7 runs; bench/README.md).
-HEADS_AT_ONCE_MIN_IMAGES = 2
+# Several heads of a batch run two at once (the head pool) only when they have at least this many
+# MFLOPs of work in the batch (images x head FLOPs, summed): below, the hop to the pool's threads
+# and back costs more than the overlap wins, and the heads run one after another on the calling
+# thread. Default model (19-MFLOP heads), 2 cores, heads stage: a batch-1 image routed to two
+# heads (37 MFLOPs) took 0.77-0.91 ms one after another against 1.06-1.25 ms on the pool (4
+# runs); batches of 2-4 images (~40-110 MFLOPs) were within noise either way (12 runs); from 5
+# images (~135 MFLOPs) the pool was 13-33% faster (7 runs). Latency probe (168-MFLOP heads), a
+# batch-1 image routed to all four: 6.30 / 6.46 ms on the pool, 11.17 / 10.38 ms one after
+# another on one thread each, 7.41 / 7.19 ms on every core each (bench/README.md).
+HEADS_AT_ONCE_MIN_MFLOPS = 100.0
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,7 @@ class PackageRunner:
         head_threads: int | None = None,
         head_workers: int = 2,
         wide_head_mflops: float = 40.0,
+        heads_at_once_mflops: float = HEADS_AT_ONCE_MIN_MFLOPS,
     ) -> None:
         self.package_dir = Path(package_dir)
         self.manifest = manifest or load_manifest(self.package_dir, verify=verify)
@@ -224,10 +228,13 @@ class PackageRunner:
         self.io_binding = (self._sessions["trunk"].device == "cuda" if io_binding is None
                            else io_binding)
         # A pool for running several heads of one batch at once (CPU path only: on a GPU the
-        # heads share one device and IOBinding keeps their inputs there).
+        # heads share one device and IOBinding keeps their inputs there), taken by a batch whose
+        # heads have at least ``heads_at_once_mflops`` of work (HEADS_AT_ONCE_MIN_MFLOPS).
         self._head_pool: ThreadPoolExecutor | None = None
+        self.heads_at_once_flops = heads_at_once_mflops * 1e6
         # Heads big enough to split (``wide_head_mflops`` per image; 0: none) also get a session
-        # on every core, taken when a batch's images all go to that head: with two heads at once
+        # on every core, taken when heads run one after another (a batch's images all go to that
+        # head, or too little work for the pool, ``heads_at_once_mflops``): with two heads at once
         # a lone head ran on one of two cores beside an idle one, 2.44 ms against 1.32 ms on both
         # for a 168-MFLOP head at batch 1, while a 19-MFLOP head took the same time either way
         # (bench/README.md). Only those heads pay the memory of a second session.
@@ -342,20 +349,18 @@ class PackageRunner:
         if host is None and any(len(idx) < len(activations) for _, idx in groups):
             host = features.numpy()  # (N, C', H', W'), once per batch
 
-        def run_head(group: tuple[int, list[int]],
-                     sessions: dict[str, _Session] = self._sessions) -> np.ndarray:
+        def run_head(group: tuple[int, list[int]], every_core: bool = False) -> np.ndarray:
             h, idx = group
-            session = sessions[f"head{h}"]
+            role = f"head{h}"
+            session = (every_core and self._wide_heads.get(role)) or self._sessions[role]
             batch = features if len(idx) == len(activations) else host[idx]
             return session.run_bound(batch).numpy() if self.io_binding else session(batch)
 
-        if (self._head_pool is not None and len(groups) > 1
-                and len(activations) >= HEADS_AT_ONCE_MIN_IMAGES):
+        work = sum(len(idx) * self.head_flops[h] for h, idx in groups)
+        if self._head_pool is not None and len(groups) > 1 and work >= self.heads_at_once_flops:
             results = list(self._head_pool.map(run_head, groups))
-        elif len(groups) == 1 and f"head{groups[0][0]}" in self._wide_heads:
-            results = [run_head(groups[0], self._wide_heads)]
-        else:
-            results = [run_head(g) for g in groups]
+        else:  # one after another: a head with a session on every core takes it
+            results = [run_head(g, every_core=True) for g in groups]
         out: list[dict[int, np.ndarray]] = [{} for _ in activations]
         for (h, idx), logits in zip(groups, results, strict=True):
             for row, i in enumerate(idx):

@@ -55,8 +55,9 @@ class Settings(BaseSettings):
         "another on every core); the small heads share the cores side by side.")
     wide_head_mflops: float = Field(
         default=40.0, ge=0, allow_inf_nan=False, description="Heads of at least this many MFLOPs "
-        "per image also get a session on every core, used when all images of a batch go to that "
-        "head (with CPCNN_HEAD_WORKERS > 1 a head otherwise runs on its share of the cores). On 2 "
+        "per image also get a session on every core, used when heads run one after another (all "
+        "images of a batch go to that head, or too little work for the head pool; with "
+        "CPCNN_HEAD_WORKERS > 1 a head otherwise runs on its share of the cores). On 2 "
         "cores a head's work of 19-37 MFLOPs ran as fast on one core as on two, 56 MFLOPs 19% and "
         "168 MFLOPs 38% faster on two; 0 turns it off (bench/README.md).")
     shared_thread_pool: bool = Field(

@@ -65,13 +65,9 @@ def test_heads_run_at_once_give_the_same_predictions(images, tau):
         np.testing.assert_allclose(pa.scores, pb.scores, rtol=1e-5, atol=1e-6)
 
 
-def test_a_lone_images_heads_run_one_after_another(images):
-    """A batch of one image runs its heads one after another on the calling thread (the hop to
-    the pool costs more than it wins there); batches of several images with several heads run
-    them on the pool. Either way the answers are the serial runner's."""
-    pooled = PackageRunner(SHIPPED_PACKAGE, verify=False)
-    serial = PackageRunner(SHIPPED_PACKAGE, verify=False, head_workers=1)
-    pool, mapped = pooled._head_pool, []  # noqa: SLF001
+def spy_on_head_pool(runner: PackageRunner) -> list[int]:
+    """Record how many head groups each batch hands the runner's head pool."""
+    pool, mapped = runner._head_pool, []  # noqa: SLF001
 
     class SpyPool:
         def map(self, fn, groups):
@@ -79,7 +75,27 @@ def test_a_lone_images_heads_run_one_after_another(images):
             mapped.append(len(groups))
             return pool.map(fn, groups)
 
-    pooled._head_pool = SpyPool()  # noqa: SLF001
+    runner._head_pool = SpyPool()  # noqa: SLF001
+    return mapped
+
+
+def spy_on_wide_heads(runner: PackageRunner) -> list[str]:
+    """Record which heads run on their session on every core, in order."""
+    calls: list[str] = []
+    for role, session in list(runner._wide_heads.items()):  # noqa: SLF001
+        runner._wide_heads[role] = lambda x, role=role, run=session: calls.append(role) or run(x)  # noqa: SLF001
+    return calls
+
+
+def test_a_lone_images_heads_run_one_after_another(images):
+    """Heads with less work in the batch than ``heads_at_once_mflops`` run one after another on
+    the calling thread (the hop to the pool costs more than it wins there); with the line between
+    one image's work and two images', a lone image's heads do, and batches of several images run
+    them on the pool. Either way the answers are the serial runner's."""
+    one_image = sum(PackageRunner(SHIPPED_PACKAGE, verify=False).head_flops) / 1e6  # τ = 1
+    pooled = PackageRunner(SHIPPED_PACKAGE, verify=False, heads_at_once_mflops=1.5 * one_image)
+    serial = PackageRunner(SHIPPED_PACKAGE, verify=False, head_workers=1)
+    mapped = spy_on_head_pool(pooled)
     k = pooled.manifest.num_clusters
     for batch, pool_calls in ((images[:1], []), (images[3:4], []), (images[:2], [k]),
                               (images[:8], [k])):
@@ -96,7 +112,8 @@ def test_a_lone_big_head_runs_on_every_core(images):
     when all images of a batch go to that head; the answers are those of the head's own session,
     and a batch with several heads keeps the per-worker sessions (the head pool)."""
     wide = PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2,
-                         wide_head_mflops=1e-9)  # every head
+                         wide_head_mflops=1e-9,  # every head
+                         heads_at_once_mflops=0)  # several heads: always the pool
     narrow = PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2, wide_head_mflops=0)
     assert narrow._wide_heads == {}  # noqa: SLF001  (0: off)
     head_threads = {role: s.session.get_session_options().intra_op_num_threads
@@ -105,9 +122,7 @@ def test_a_lone_big_head_runs_on_every_core(images):
     assert set(head_threads.values()) == {2}
     assert wide._sessions["head0"].session.get_session_options().intra_op_num_threads == 1  # noqa: SLF001
 
-    calls: list[str] = []
-    for role, session in list(wide._wide_heads.items()):  # noqa: SLF001
-        wide._wide_heads[role] = lambda x, role=role, run=session: calls.append(role) or run(x)  # noqa: SLF001
+    calls = spy_on_wide_heads(wide)
     lone = [wide.run(img[None], 0.0) for img in images]  # τ = 0: one head per image
     assert calls == [f"head{r.predictions[0].activation.heads[0]}" for r in lone]
     for got, image in zip(lone, images, strict=True):
@@ -120,6 +135,25 @@ def test_a_lone_big_head_runs_on_every_core(images):
     calls.clear()
     wide.run(images, 1.0)  # τ = 1: every head on every image
     assert calls == []
+
+
+@pytest.mark.parametrize(("line_over_work", "pooled"), [(0.5, True), (2.0, False)])
+def test_heads_with_enough_work_go_to_the_pool_even_for_a_lone_image(images, line_over_work,
+                                                                     pooled):
+    """The line is work, not images: a lone image whose heads are big (the latency probe's
+    168-MFLOP heads: 6.3 ms on the pool against 10.4-11.2 ms one after another) runs them on the
+    pool; below the line, heads run one after another, each on its session on every core where
+    it has one."""
+    work = sum(PackageRunner(SHIPPED_PACKAGE, verify=False).head_flops) / 1e6  # a lone image, τ = 1
+    runner = PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2,
+                           wide_head_mflops=1e-9, heads_at_once_mflops=line_over_work * work)
+    mapped, calls = spy_on_head_pool(runner), spy_on_wide_heads(runner)
+    got = runner.run(images[:1], 1.0).predictions[0]
+    k = runner.manifest.num_clusters
+    assert mapped == ([k] if pooled else [])
+    assert calls == ([] if pooled else [f"head{h}" for h in range(k)])
+    want = PackageRunner(SHIPPED_PACKAGE, verify=False, head_workers=1).run(images[:1], 1.0)
+    np.testing.assert_allclose(got.scores, want.predictions[0].scores, rtol=1e-5, atol=1e-6)
 
 
 def test_only_heads_big_enough_get_a_session_on_every_core():
