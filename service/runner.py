@@ -34,7 +34,8 @@ STAGES = ("trunk", "clustifier", "activator", "heads", "combine")
 # runs); batches of 2-4 images (~40-110 MFLOPs) were within noise either way (12 runs); from 5
 # images (~135 MFLOPs) the pool was 13-33% faster (7 runs). Latency probe (168-MFLOP heads), a
 # batch-1 image routed to all four: 6.30 / 6.46 ms on the pool, 11.17 / 10.38 ms one after
-# another on one thread each, 7.41 / 7.19 ms on every core each (bench/README.md).
+# another on one thread each, 7.41 / 7.19 ms on every core each (bench/README.md). The service
+# reads it from CPCNN_HEADS_AT_ONCE_MFLOPS.
 HEADS_AT_ONCE_MIN_MFLOPS = 100.0
 
 
@@ -229,7 +230,7 @@ class PackageRunner:
                            else io_binding)
         # A pool for running several heads of one batch at once (CPU path only: on a GPU the
         # heads share one device and IOBinding keeps their inputs there), taken by a batch whose
-        # heads have at least ``heads_at_once_mflops`` of work (HEADS_AT_ONCE_MIN_MFLOPS).
+        # heads have at least ``heads_at_once_mflops`` of work (``CPCNN_HEADS_AT_ONCE_MFLOPS``).
         self._head_pool: ThreadPoolExecutor | None = None
         self.heads_at_once_flops = heads_at_once_mflops * 1e6
         # Heads big enough to split (``wide_head_mflops`` per image; 0: none) also get a session

@@ -169,6 +169,7 @@ class InferenceService:
                 head_threads=s.head_threads,
                 head_workers=s.head_workers,
                 wide_head_mflops=s.wide_head_mflops,
+                heads_at_once_mflops=s.heads_at_once_mflops,
                 allow_spinning=s.allow_spinning,
                 verify=s.verify_checksums,
                 io_binding=s.io_binding,

@@ -15,6 +15,8 @@ import onnxruntime as ort
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.runner import HEADS_AT_ONCE_MIN_MFLOPS
+
 
 def default_model_dir() -> Path:
     """The shipped default: the Tiny-ImageNet-200 package when present, else the synthetic one."""
@@ -60,6 +62,13 @@ class Settings(BaseSettings):
         "CPCNN_HEAD_WORKERS > 1 a head otherwise runs on its share of the cores). On 2 "
         "cores a head's work of 19-37 MFLOPs ran as fast on one core as on two, 56 MFLOPs 19% and "
         "168 MFLOPs 38% faster on two; 0 turns it off (bench/README.md).")
+    heads_at_once_mflops: float = Field(
+        default=HEADS_AT_ONCE_MIN_MFLOPS, ge=0, allow_inf_nan=False, description="Several heads "
+        "of a batch go to the head pool (CPCNN_HEAD_WORKERS) only with at least this many MFLOPs "
+        "of work in the batch (images x head FLOPs, summed); below, they run one after another "
+        "on the calling thread, as the hop to the pool's threads costs more than the overlap "
+        "wins. On 2 cores: 37 MFLOPs (one image, two default-model heads) were faster one after "
+        "another, 135 MFLOPs and more faster on the pool; 0: always the pool (bench/README.md).")
     shared_thread_pool: bool = Field(
         default=False, description="Run all ONNX Runtime sessions on one process-wide thread pool "
         "of CPCNN_INTRA_OP_THREADS / CPCNN_INTER_OP_THREADS threads (the per-session thread "

@@ -46,10 +46,25 @@ def test_missing_model_dir_is_refused(tmp_path):
 @pytest.mark.parametrize("field, value", [("tau", 1.5), ("tau", float("nan")), ("max_files", 0),
                                           ("port", 0), ("default_top_k", 0),
                                           ("providers", "NoSuchExecutionProvider"),
-                                          ("log_level", "LOUD")])
+                                          ("log_level", "LOUD"), ("heads_at_once_mflops", -1),
+                                          ("heads_at_once_mflops", float("inf"))])
 def test_unsafe_values_are_refused(tmp_path, field, value):
     with pytest.raises(ValidationError, match=field):
         Settings(model_dir=tmp_path, **{field: value})
+
+
+def test_the_head_pool_line_reaches_the_runner(monkeypatch, synthetic_package):
+    """CPCNN_HEADS_AT_ONCE_MFLOPS is the runner's line (machine-dependent, like the threads)."""
+    from fastapi.testclient import TestClient
+
+    from service.runner import HEADS_AT_ONCE_MIN_MFLOPS
+    from tests.conftest import make_app
+
+    assert Settings(model_dir=synthetic_package).heads_at_once_mflops == HEADS_AT_ONCE_MIN_MFLOPS
+    monkeypatch.setenv("CPCNN_HEADS_AT_ONCE_MFLOPS", "0.25")
+    app, _ = make_app(synthetic_package)
+    with TestClient(app):
+        assert app.state.service.runner.heads_at_once_flops == 0.25e6
 
 
 def test_sweep_lookup(synthetic_package):
