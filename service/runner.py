@@ -38,6 +38,11 @@ STAGES = ("trunk", "clustifier", "activator", "heads", "combine")
 # reads it from CPCNN_HEADS_AT_ONCE_MFLOPS.
 HEADS_AT_ONCE_MIN_MFLOPS = 100.0
 
+# Heads of at least this many MFLOPs per image also get a session on every core, taken when they
+# run one after another (``PackageRunner``'s comment has the measurements). The service reads it
+# from CPCNN_WIDE_HEAD_MFLOPS.
+WIDE_HEAD_MIN_MFLOPS = 40.0
+
 
 @dataclass(frozen=True)
 class Flops:
@@ -200,7 +205,7 @@ class PackageRunner:
         io_binding: bool | None = None,
         head_threads: int | None = None,
         head_workers: int = 2,
-        wide_head_mflops: float = 40.0,
+        wide_head_mflops: float = WIDE_HEAD_MIN_MFLOPS,
         heads_at_once_mflops: float = HEADS_AT_ONCE_MIN_MFLOPS,
     ) -> None:
         self.package_dir = Path(package_dir)

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.runner import HEADS_AT_ONCE_MIN_MFLOPS
+from service.runner import HEADS_AT_ONCE_MIN_MFLOPS, WIDE_HEAD_MIN_MFLOPS
 
 
 def default_model_dir() -> Path:
@@ -56,7 +56,7 @@ class Settings(BaseSettings):
         default=2, ge=1, description="Heads of one batch run at once on the CPU (1: one after "
         "another on every core); the small heads share the cores side by side.")
     wide_head_mflops: float = Field(
-        default=40.0, ge=0, allow_inf_nan=False, description="Heads of at least this many MFLOPs "
+        default=WIDE_HEAD_MIN_MFLOPS, ge=0, allow_inf_nan=False, description="Heads of at least this many MFLOPs "
         "per image also get a session on every core, used when heads run one after another (all "
         "images of a batch go to that head, or too little work for the head pool; with "
         "CPCNN_HEAD_WORKERS > 1 a head otherwise runs on its share of the cores). On 2 "

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from service.manifest import load_manifest
+from service.runner import HEADS_AT_ONCE_MIN_MFLOPS, WIDE_HEAD_MIN_MFLOPS
 from service.settings import Settings, get_settings
 from service.sweep import expected_at
+from tests.conftest import make_app
 
 
 def test_settings_from_environment(monkeypatch, tmp_path):
@@ -54,13 +57,11 @@ def test_unsafe_values_are_refused(tmp_path, field, value):
 
 
 def test_the_head_pool_line_reaches_the_runner(monkeypatch, synthetic_package):
-    """CPCNN_HEADS_AT_ONCE_MFLOPS is the runner's line (machine-dependent, like the threads)."""
-    from fastapi.testclient import TestClient
-
-    from service.runner import HEADS_AT_ONCE_MIN_MFLOPS
-    from tests.conftest import make_app
-
-    assert Settings(model_dir=synthetic_package).heads_at_once_mflops == HEADS_AT_ONCE_MIN_MFLOPS
+    """CPCNN_HEADS_AT_ONCE_MFLOPS is the runner's line (machine-dependent, like the threads);
+    the settings' defaults are the runner's own."""
+    defaults = Settings(model_dir=synthetic_package)
+    assert defaults.heads_at_once_mflops == HEADS_AT_ONCE_MIN_MFLOPS
+    assert defaults.wide_head_mflops == WIDE_HEAD_MIN_MFLOPS
     monkeypatch.setenv("CPCNN_HEADS_AT_ONCE_MFLOPS", "0.25")
     app, _ = make_app(synthetic_package)
     with TestClient(app):
