@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 from training.data import DataConfig
 from training.models.heads import HeadArch
 from training.models.resnet import ResNetConfig
+from training.precision import PRECISIONS
 
 
 @dataclass
@@ -31,6 +32,11 @@ class OptimConfig:
     logit_match: float = 0.0  # weight of MSE(student logits, teacher logits): keeps a head's logits on the original's scale, so heads can be compared (combination = "joint")
     augment: bool = True  # random crop (reflect pad 4 px / 8 % of the side) + horizontal flip
     progressive: list[int] = field(default_factory=list)  # input side for each of the first epochs (progressive resizing); later epochs use the full size
+    precision: str = "fp32"  # fp32 | bf16 (autocast + channels_last, fp32 master weights; fp32 where the CPU lacks bf16)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from training import precision as prec
 from training.config import OptimConfig
 from training.data import augment_batch, to_tensor
 
@@ -118,7 +119,12 @@ def fit(
     Each epoch draws ``epoch_size`` samples (default all N) in a seeded random order, so a resumed
     run sees the same batches. Resumes from ``checkpoint`` when it exists; writes it after every
     epoch. ``frozen`` modules stay in eval mode (a frozen trunk's BatchNorm must not move).
+    ``cfg.precision`` = "bf16" runs ``forward`` under bf16 autocast on channels_last tensors; the
+    weights, the optimizer and the loss stay fp32, and ``module`` is handed back contiguous.
     """
+    precision = prec.resolve(cfg.precision)
+    for m in (module, *frozen):
+        prec.prepare(m, precision)
     n = len(inputs)
     per_epoch = epoch_size or n
     steps_per_epoch = max(1, math.ceil(per_epoch / cfg.batch_size))
@@ -146,9 +152,12 @@ def fit(
         bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False)
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x = transform(inputs[idx], gen, epoch)
+            x = prec.layout(transform(inputs[idx], gen, epoch), precision)
             y = all_labels[idx]
-            logits, teacher = forward(x, idx)
+            with prec.autocast(precision):
+                logits, teacher = forward(x, idx)
+            logits = logits.float()  # the loss in fp32 whatever the forward ran in
+            teacher = None if teacher is None else teacher.float()
             loss = loss_fn(logits, y, teacher, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -162,12 +171,14 @@ def fit(
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}",
                                 acc=f"{correct / max(seen_labelled, 1):.3f}")
-        logger.info("%s epoch %d/%d: loss %.4f, train acc %.4f", desc, epoch + 1, cfg.epochs,
-                    loss_sum / max(seen, 1), correct / max(seen_labelled, 1))
+        logger.info("%s epoch %d/%d (%s): loss %.4f, train acc %.4f", desc, epoch + 1, cfg.epochs,
+                    precision, loss_sum / max(seen, 1), correct / max(seen_labelled, 1))
         tmp = checkpoint.with_suffix(".tmp")
         torch.save({"model": module.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "epoch": epoch + 1}, tmp)
         tmp.replace(checkpoint)  # atomic: a kill mid-write never corrupts the checkpoint
+    for m in (module, *frozen):
+        prec.prepare(m, "fp32")  # evaluation and export see ordinary contiguous weights
     module.eval()
     return module
 
