@@ -1,14 +1,13 @@
 """The model card: ``README.md`` beside a package's manifest, written from the run that made it.
 
 Everything in it is read from the manifest (components, clusters, τ sweep, accuracies, the exact
-config) and the run directory (head candidates, clustering eigenvalues), so the card cannot drift
-from the package it describes. The τ-sweep table has the columns of paper 002's Table 2 (images
+config, the head candidates with their measured times) and the run directory (the cluster-size
+plot), so the card cannot drift from the package it describes. The τ-sweep table has the columns of paper 002's Table 2 (images
 per number of heads run, accuracy gain, compute saving) plus top-1/top-5 and mean FLOPs.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,8 +55,11 @@ def sweep_table(rows: Sequence[SweepRow], num_heads: int, default_tau: float) ->
 def _settings(cfg: dict) -> list[str]:
     o, model, data = cfg["original"], cfg["model"], cfg["data"]
     ho, co, cl = cfg["head_optim"], cfg["clustifier_optim"], cfg["clustering"]
-    family = ", ".join(f"`{h['name']}` (replace {list(h['replace']) or 'nothing'}, mid ×{h['mid_ratio']})"
-                       for h in cfg["head_family"])
+    def arch(h: dict) -> str:
+        depth = f", first {h['blocks']} block(s) per stage" if h.get("blocks") else ""
+        return f"`{h['name']}` (replace {list(h['replace']) or 'nothing'}, mid ×{h['mid_ratio']}{depth})"
+
+    family = ", ".join(arch(h) for h in cfg["head_family"])
     prog = o.get("progressive") or []
     schedule = (f"{len(prog)} epochs progressive ({', '.join(f'{s}' for s in sorted(set(prog)))} px), "
                 f"then {data['image_size']} px" if prog else f"{data['image_size']} px throughout")
@@ -75,22 +77,23 @@ def _settings(cfg: dict) -> list[str]:
         f"`{cl['method']}`" + (f" with the eigengap choosing between {cl['min_clusters']} and "
                               f"{cl['max_clusters']} clusters" if cl["method"] == "spectral" else "")
         + ".",
-        f"- Clustifier: `{cfg['clustifier']['name']}` (replace {list(cfg['clustifier']['replace'])}, "
-        f"mid ×{cfg['clustifier']['mid_ratio']}), {co['epochs']} epochs on cached trunk features, "
+        f"- Clustifier: {arch(cfg['clustifier'])}, {co['epochs']} epochs on cached trunk features, "
         f"distilled from the original's cluster mass (α {co['distill']}, T {co['temperature']}).",
         f"- Head family: {family}; {ho['epochs']} epochs each on their cluster's images"
         + (f" plus {cfg.get('head_negatives', 0):g}× as many of other clusters (distillation only)"
            if cfg.get("head_negatives", 0) else "")
-        + f" (cached trunk features, one-cell shifts + mirrored copies), distilled from the "
+        + " (cached trunk features, one-cell shifts"
+        + (" + mirrored copies" if cfg.get("feature_mirror", True) else "") + "), distilled from the "
         f"original (α {ho['distill']}, T {ho['temperature']}"
         + (f", logit matching β {ho['logit_match']:g}" if ho.get("logit_match", 0) else "")
-        + "); per cluster the cheapest head within "
+        + "); per cluster the cheapest head (by measured "
+        + ("time" if cfg.get("head_cost", "flops") == "time" else "FLOPs") + ") within "
         f"{100 * cfg['head_tolerance']:.1f} points of the best on the calibration split is kept.",
     ]
 
 
-def render_card(m: Manifest, run_dir: Path | None = None) -> str:
-    """The card's markdown for manifest ``m`` (``run_dir`` adds head candidates when present)."""
+def render_card(m: Manifest) -> str:
+    """The card's markdown for manifest ``m``."""
     t, cfg = m.training, m.training.config
     orig_flops = m.original.flops
     default = m.activator.default_tau
@@ -116,6 +119,7 @@ def render_card(m: Manifest, run_dir: Path | None = None) -> str:
               if row is not None else "", "",
               "## Default τ", "", m.activator.default_tau_reason or
               f"τ = {default:g} (set in the config).", "",
+              *(["## Top-5 fill", "", m.activator.fill_reason, ""] if m.activator.fill_reason else []),
               "## Data and split", "",
               f"- `{t.dataset}`, {t.num_classes} classes, "
               + (f"from `{cfg['data']['path']}`." if cfg["data"].get("path") else
@@ -135,6 +139,10 @@ def render_card(m: Manifest, run_dir: Path | None = None) -> str:
     for name, comp in parts:
         lines.append(f"| {name} | `{comp.file}` | {comp.flops / 1e6:.2f} | "
                      f"{pct(comp.flops / orig_flops)} | {comp.params:,} | {comp.architecture} |")
+    lines += ["", "Measured time per run (ms at batch " + " / ".join(
+        map(str, sorted(m.original.latency_ms))) + "): " + "; ".join(
+        f"{name} {_ms(comp.latency_ms)}" for name, comp in parts[:3]) + "."
+        if m.original.latency_ms else ""]
     lines += ["", f"Clustifier accuracy (the true class's cluster predicted): "
               f"{pct(t.clustifier_accuracy)} on the validation split.", "",
               "## Clusters (hyper-classes)", "",
@@ -145,15 +153,7 @@ def render_card(m: Manifest, run_dir: Path | None = None) -> str:
         names = ", ".join(short_name(m.class_names[i]) for i in c.classes)
         lines.append(f"| {c.index} | {len(c.classes)} | `{c.head.architecture}` | "
                      f"{c.head.flops / 1e6:.2f} | {names} |")
-    candidates = _head_candidates(run_dir)
-    if candidates:
-        lines += ["", "Head candidates (calibration top-1 within the cluster):", "",
-                  "| cluster | " + " | ".join(candidates["archs"]) + " | chosen |",
-                  "|" + "---|" * (len(candidates["archs"]) + 2)]
-        for ci, accs in candidates["rows"].items():
-            lines.append(f"| {ci} | " + " | ".join(pct(accs.get(a, float("nan"))) for a in
-                                                  candidates["archs"]) +
-                         f" | `{candidates['chosen'][ci]}` |")
+    lines += head_selection_table(m)
     lines += ["", "## τ sweep", "",
               f"On the {t.val_images} validation images, through the serving runner and activator "
               f"(ranking `{m.activator.ranking}`, weighting `{m.activator.weighting}`, combination `{m.activator.combination}`). `#n`: "
@@ -169,17 +169,33 @@ def render_card(m: Manifest, run_dir: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-def _head_candidates(run_dir: Path | None) -> dict | None:
-    path = run_dir / "heads.json" if run_dir is not None else None
-    if path is None or not path.exists():
-        return None
-    report = json.loads(path.read_text())
-    archs = list(dict.fromkeys(c["arch"] for c in report["candidates"]))
-    rows: dict[int, dict[str, float]] = {}
-    for c in report["candidates"]:
-        rows.setdefault(c["cluster"], {})[c["arch"]] = c["accuracy"]
-    chosen = {c["cluster"]: c["arch"] for c in report["chosen"]}
-    return {"archs": archs, "rows": rows, "chosen": chosen}
+def _ms(latency: dict[int, float]) -> str:
+    return " / ".join(f"{latency[b]:.2f}" for b in sorted(latency)) if latency else "—"
+
+
+def head_selection_table(m: Manifest) -> list[str]:
+    """Every head candidate per cluster: calibration accuracy, FLOPs, measured time, the pick."""
+    sel = m.head_selection
+    if sel is None or not sel.candidates:
+        return []
+    rule = ("measured time (the sum over batch sizes of its latency / the original's)"
+            if sel.cost == "time" else "FLOPs")
+    where = ""
+    if sel.timing is not None:
+        t = sel.timing
+        where = (f" Times: {t.runtime}, {t.threads or 'all'} threads, batch "
+                 f"{' / '.join(map(str, t.batch_sizes))}, median of {t.repetitions} interleaved "
+                 f"rounds{', on ' + t.cpu if t.cpu else ''}.")
+    lines = ["", f"Head candidates. Per cluster the cheapest by {rule} within "
+             f"{100 * sel.tolerance:.1f} points of the best calibration top-1 is kept.{where}", "",
+             "| cluster | head | calib top-1 | MFLOPs | ms (batch " +
+             " / ".join(map(str, sel.timing.batch_sizes if sel.timing else [])) + ") | cost | chosen |",
+             "|---|---|---|---|---|---|---|"]
+    for c in sorted(sel.candidates, key=lambda c: (c.cluster, c.cost)):
+        cost = f"{c.cost:.3f}" if sel.cost == "time" else f"{c.cost / 1e6:.2f} M"
+        lines.append(f"| {c.cluster} | `{c.arch}` | {pct(c.accuracy)} | {c.flops / 1e6:.2f} | "
+                     f"{_ms(c.latency_ms)} | {cost} | {'**yes**' if c.chosen else ''} |")
+    return lines
 
 
 def write_card(package_dir: Path, run_dir: Path | None = None,
@@ -197,7 +213,7 @@ def write_card(package_dir: Path, run_dir: Path | None = None,
         shutil.copyfile(plot, package_dir / CLUSTER_PLOT)
         extra[CLUSTER_PLOT] = sha256_file(package_dir / CLUSTER_PLOT)
     card = package_dir / CARD
-    text = render_card(m, run_dir)
+    text = render_card(m)
     if notes is not None:
         text += "\n## Status against the targets\n\n" + Path(notes).read_text()
     card.write_text(text)

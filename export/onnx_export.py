@@ -55,9 +55,10 @@ def ort_max_difference(model: nn.Module, path: str | Path, inputs: list[np.ndarr
     worst = 0.0
     for x in inputs:
         with torch.no_grad():
-            expected = model.eval()(torch.from_numpy(x)).numpy()
-        got = session.run(None, {name: x})[0]
-        worst = max(worst, float(np.max(np.abs(got - expected))))
+            expected = model.eval()(torch.from_numpy(x))
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        for got, want in zip(session.run(None, {name: x}), expected, strict=True):
+            worst = max(worst, float(np.max(np.abs(got - want.numpy()))))
     return worst
 
 
@@ -68,6 +69,7 @@ def export_onnx(
     input_shape: tuple[int, ...],
     input_name: str = "input",
     output_name: str = "output",
+    extra_outputs: tuple[str, ...] = (),
     opset: int = 17,
     real_inputs: np.ndarray | None = None,
     atol: float = 1e-4,
@@ -76,7 +78,8 @@ def export_onnx(
 ) -> ExportReport:
     """Write ``model`` (eval mode, dynamic batch axis) to ``path`` and verify it.
 
-    ``input_shape`` excludes the batch axis. ``real_inputs`` (N, *input_shape) float32 are compared
+    ``input_shape`` excludes the batch axis. A model that returns a tuple names its outputs
+    ``output_name`` then ``extra_outputs``; parity covers every output. ``real_inputs`` (N, *input_shape) float32 are compared
     besides a random batch. Uses the TorchScript-based exporter (``dynamo=False``): it folds
     BatchNorm into convolutions, needs no onnxscript at run time and exports these plain CNNs in a
     fraction of a second, which keeps the end-to-end test fast.
@@ -84,11 +87,12 @@ def export_onnx(
     path = Path(path)
     model = model.eval()
     example = torch.randn(2, *input_shape)
+    outputs = [output_name, *extra_outputs]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (example,), str(path), input_names=[input_name], output_names=[output_name],
-            dynamic_axes={input_name: {0: "N"}, output_name: {0: "N"}}, opset_version=opset,
+            model, (example,), str(path), input_names=[input_name], output_names=outputs,
+            dynamic_axes={input_name: {0: "N"}, **{o: {0: "N"} for o in outputs}}, opset_version=opset,
             do_constant_folding=True, dynamo=False,
         )
     graph = onnx.load(str(path))
@@ -106,7 +110,8 @@ def export_onnx(
         raise ExportCheckError(f"{path.name}: ONNX Runtime differs from PyTorch by {worst:.2e} "
                                f"(tolerance {atol:.0e})")
     with torch.no_grad():
-        out_shape = ["N", *model(example).shape[1:]]
+        first = model(example)
+        out_shape = ["N", *(first[0] if isinstance(first, tuple) else first).shape[1:]]
     logger.info("exported %s: %.2f MFLOPs (torch %.2f), max |diff| %.2e", path.name, flops / 1e6,
                 ref_flops / 1e6, worst)
     return ExportReport(path, flops, ref_flops, count_params(graph), worst,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -13,13 +14,18 @@ import torch
 from torch import nn
 
 from export.onnx_export import ExportReport, export_onnx
+from export.selection import choose_heads
+from export.timing import relative_time, time_graphs
 from service.manifest import (
     Accuracy,
     ActivatorSpec,
     Cluster,
     Component,
+    HeadCandidate,
+    HeadSelection,
     InputSpec,
     Manifest,
+    TimingInfo,
     TrainingInfo,
     load_manifest,
     sha256_file,
@@ -27,6 +33,7 @@ from service.manifest import (
 )
 from training.config import config_to_dict
 from training.data import to_tensor
+from training.models.heads import WithClassLogits
 
 if TYPE_CHECKING:
     from training.pipeline import Run
@@ -35,7 +42,12 @@ logger = logging.getLogger(__name__)
 
 
 def export_run(run: Run, out_dir: Path, *, parity_images: int = 32) -> Manifest:
-    """Export trunk, clustifier, chosen heads and the original model of ``run`` into ``out_dir``."""
+    """Export trunk, clustifier, heads and the original model of ``run`` into ``out_dir``.
+
+    Every candidate head is exported and checked, then all graphs are timed side by side on the
+    serving runtime; per cluster the cheapest candidate within ``head_tolerance`` of the best is
+    kept (``head_cost``: measured time or FLOPs), the others are dropped from the package.
+    """
     cfg = run.cfg
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
@@ -45,7 +57,6 @@ def export_run(run: Run, out_dir: Path, *, parity_images: int = 32) -> Manifest:
     trunk = run.load_trunk()
     clustifier = run.load_clustifier()
     clusters = run.load_clusters()
-    choices = run.head_choices()
     s = cfg.data.image_size
     val_images, _ = run.part("val")
     real = to_tensor(torch.from_numpy(val_images[:parity_images]), cfg.mean, cfg.std)
@@ -54,33 +65,57 @@ def export_run(run: Run, out_dir: Path, *, parity_images: int = 32) -> Manifest:
     feature_shape = tuple(real_features.shape[1:])
 
     def export(module: nn.Module, name: str, shape: tuple[int, ...], x: torch.Tensor,
-               input_name: str, output_name: str) -> ExportReport:
+               input_name: str, output_name: str, extra: tuple[str, ...] = ()) -> ExportReport:
         return export_onnx(module, tmp / name, input_shape=shape, input_name=input_name,
-                           output_name=output_name, opset=cfg.package.opset, real_inputs=x.numpy())
+                           output_name=output_name, extra_outputs=extra, opset=cfg.package.opset,
+                           real_inputs=x.numpy())
 
-    def component(report: ExportReport, arch: str, input_name: str, output_name: str) -> Component:
+    def component(report: ExportReport, arch: str, input_name: str, output_name: str,
+                  latency_ms: dict[int, float]) -> Component:
         return Component(
             file=report.path.name, sha256=sha256_file(report.path), flops=report.flops,
             params=report.params, input_name=input_name, output_name=output_name,
             input_shape=report.input_shape, output_shape=report.output_shape, architecture=arch,
+            latency_ms=latency_ms,
         )
 
+    # A clustifier that pools class logits also exports them: the activator's top-5 fill.
+    class_output = CLASS_OUTPUT if clustifier.cluster_pool is not None else None
     rc = original.cfg
     resnet_name = f"resnet(layers={list(rc.layers)}, width={rc.width}, stem_stride={rc.stem_stride})"
-    orig = component(export(original, "original.onnx", (3, s, s), real, "image", "logits"),
-                     resnet_name, "image", "logits")
-    trunk_c = component(export(trunk, "trunk.onnx", (3, s, s), real, "image", "features"),
-                        f"{resnet_name} stem..{cfg.split_after}", "image", "features")
-    clus_c = component(export(clustifier, "clustifier.onnx", feature_shape, real_features,
-                              "features", "logits"), f"clustifier {cfg.clustifier}", "features",
-                       "logits")
+    reports = {
+        "original": export(original, "original.onnx", (3, s, s), real, "image", "logits"),
+        "trunk": export(trunk, "trunk.onnx", (3, s, s), real, "image", "features"),
+        "clustifier": export(clustifier if class_output is None else WithClassLogits(clustifier),
+                             "clustifier.onnx", feature_shape, real_features, "features", "logits",
+                             () if class_output is None else (class_output,)),
+    }
+    (tmp / CANDIDATES).mkdir()
+    for cand in run.head_candidates():
+        head = run.load_head(cand.cluster, cand.arch)
+        reports[_key(cand.cluster, cand.arch)] = export(
+            head, f"{CANDIDATES}/cluster{cand.cluster}_{cand.arch}.onnx", feature_shape,
+            real_features, "features", "logits")
+    shapes = {k: (3, s, s) if k in ("original", "trunk") else feature_shape for k in reports}
+    latency, timing = time_graphs({k: r.path for k, r in reports.items()}, shapes,
+                                  threads=cfg.threads)
+    selection = _select_heads(run, reports, latency, timing)
+    components = {k: component(reports[k], name, i, o, latency[k]) for k, name, i, o in (
+        ("original", resnet_name, "image", "logits"),
+        ("trunk", f"{resnet_name} stem..{cfg.split_after}", "image", "features"),
+        ("clustifier", f"clustifier {cfg.clustifier}", "features", "logits"))}
+    orig, trunk_c = components["original"], components["trunk"]
+    clus_c = components["clustifier"].model_copy(update={"class_output": class_output or ""})
     cluster_entries = []
-    for choice in choices:
-        head = run.load_head(choice.cluster, choice.arch)
-        report = export(head, f"head{choice.cluster}.onnx", feature_shape, real_features,
-                        "features", "logits")
-        cluster_entries.append(Cluster(index=choice.cluster, classes=clusters[choice.cluster],
-                                       head=component(report, choice.arch, "features", "logits")))
+    for cand in (c for c in selection.candidates if c.chosen):
+        key = _key(cand.cluster, cand.arch)
+        head_file = reports[key].path.replace(tmp / f"head{cand.cluster}.onnx")
+        report = dataclasses.replace(reports[key], path=head_file)
+        cluster_entries.append(Cluster(index=cand.cluster, classes=clusters[cand.cluster],
+                                       head=component(report, cand.arch, "features", "logits",
+                                                      latency[key])))
+    cluster_entries.sort(key=lambda c: c.index)
+    shutil.rmtree(tmp / CANDIDATES)
     confusion = json.loads((run.dir / "confusion.json").read_text())
     original_acc = torch.load(run.dir / "original.pt", map_location="cpu",
                               weights_only=False)["val_accuracy"]
@@ -100,6 +135,7 @@ def export_run(run: Run, out_dir: Path, *, parity_images: int = 32) -> Manifest:
         activator=ActivatorSpec(default_tau=cfg.package.default_tau, ranking=cfg.package.ranking,
                                 weighting=cfg.package.weighting, smoothing=cfg.package.smoothing,
                                 combination=cfg.package.combination),
+        head_selection=selection,
         training=TrainingInfo(
             dataset=run.dataset.name, num_classes=run.dataset.num_classes,
             train_images=len(splits.train), calib_images=len(splits.calib),
@@ -117,4 +153,34 @@ def export_run(run: Run, out_dir: Path, *, parity_images: int = 32) -> Manifest:
                 "heads %s", out_dir, orig.flops / 1e6, trunk_c.flops / 1e6, clus_c.flops / 1e6,
                 [round(c.head.flops / 1e6, 2) for c in cluster_entries])
     return manifest
+
+
+CLASS_OUTPUT = "class_logits"
+CANDIDATES = "candidates"  # scratch folder of the package being written: every trained head
+
+
+def _key(cluster: int, arch: str) -> str:
+    return f"cluster{cluster}_{arch}"
+
+
+def _select_heads(run: Run, reports: dict[str, ExportReport], latency: dict[str, dict[int, float]],
+                  timing: TimingInfo) -> HeadSelection:
+    """Every candidate with its measured cost; one per cluster chosen (``run.cfg.head_cost``)."""
+    cfg = run.cfg
+    candidates = []
+    for cand in run.head_candidates():
+        key = _key(cand.cluster, cand.arch)
+        cost = relative_time(latency[key], latency["original"]) if cfg.head_cost == "time" \
+            else float(reports[key].flops)
+        candidates.append(HeadCandidate(cluster=cand.cluster, arch=cand.arch,
+                                        accuracy=cand.accuracy, flops=reports[key].flops,
+                                        latency_ms=latency[key], cost=cost))
+    candidates = choose_heads(candidates, cfg.head_tolerance)
+    for c in candidates:
+        if c.chosen:
+            logger.info("cluster %d: head %s (calib acc %.4f, %.2f MFLOPs, %s)", c.cluster, c.arch,
+                        c.accuracy, c.flops / 1e6,
+                        ", ".join(f"b{b} {ms:.3f} ms" for b, ms in c.latency_ms.items()))
+    return HeadSelection(cost=cfg.head_cost, tolerance=cfg.head_tolerance, timing=timing,
+                         candidates=candidates)
 

@@ -11,6 +11,10 @@ Conventions
   counts. Column j therefore says which true clusters hide behind a prediction of j.
 * τ = 0 always runs exactly one head; τ = 1 always runs every head.
 
+Top-5 fill (``fill_unrun``, a departure): with ``combine`` alone the classes of heads not run
+score 0, so an image whose true class lies in a cluster not run can never have it in its top-5.
+Scoring them from the clustifier's own class softmax (computed anyway) costs nothing.
+
 Combination (``combine``): ``eq3`` is the paper's Eq. 3, w_i × softmax(H_i(x)); ``joint`` (a
 departure, offered beside it) is w_i × exp(H_i(x)_c) normalised over all heads run: one softmax
 over the heads' logits plus log w_i. Eq. 3 normalises each head on its own, so a head run for
@@ -159,6 +163,24 @@ def combine(
                                         zip(activation.weights, logits, strict=True)]))
     # bincount adds the scores of a class that several heads share (overlapping clusters).
     return np.bincount(members, weights=p, minlength=num_classes)
+
+
+def fill_unrun(scores: np.ndarray, activation: Activation, clusters: list[list[int]],
+               class_probs: np.ndarray) -> np.ndarray:
+    """``combine``'s scores with the classes of heads not run filled from the clustifier.
+
+    ``class_probs`` (C,) is the clustifier's own softmax over all classes (its cluster
+    probabilities are sums of it). A class of a head not run scores its ``class_probs``; the
+    classes of the heads run share the clustifier's mass on them, M = Σ class_probs there, in the
+    proportions ``combine`` gave them. The result still sums to 1, and their order among
+    themselves is unchanged — only classes that used to score 0 can now enter the top-k.
+    """
+    q = np.asarray(class_probs, dtype=np.float64)
+    if q.shape != scores.shape:
+        raise ValueError(f"class_probs must have shape {scores.shape}, got {q.shape}")
+    run = np.zeros(len(q), dtype=bool)
+    run[np.concatenate([clusters[h] for h in activation.heads])] = True
+    return np.where(run, q[run].sum() * scores, q)
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -59,6 +59,11 @@ class Component(_Strict):
     input_shape: list[int | str] = Field(description="Input shape, 'N' for the batch axis.")
     output_shape: list[int | str] = Field(description="Output shape, 'N' for the batch axis.")
     architecture: str = Field(default="", description="Human-readable architecture name.")
+    latency_ms: dict[int, float] = Field(
+        default_factory=dict, description="Batch size -> median milliseconds of one run on the "
+        "serving runtime, measured at export (HeadSelection.timing says where and how).")
+    class_output: str = Field(default="", description="Clustifier only: the output holding its "
+                              "class logits (all classes), used by ActivatorSpec.fill.")
 
     @field_validator("file")
     @classmethod
@@ -86,6 +91,11 @@ class ActivatorSpec(_Strict):
         default="eq3", description="eq3: the paper's w_i × softmax(H_i); joint: one softmax over "
         "the logits of all heads run (service.activator.combine).")
     smoothing: float = Field(default=1.0, ge=0.0)
+    fill: Literal["none", "clustifier"] = Field(
+        default="none", description="Scores of the classes of heads not run. none: 0. clustifier: "
+        "the clustifier's own class probability; the classes of heads run share the clustifier's "
+        "probability mass on them as the heads say (needs clustifier.class_output).")
+    fill_reason: str = Field(default="", description="Why fill was chosen (calibration split).")
     default_tau_reason: str = Field(default="", description="Why default_tau was chosen (from "
                                     "the τ sweep), for the model card and GET /v1/model.")
 
@@ -109,6 +119,38 @@ class SweepRow(_Strict):
     )
     cluster_accuracy: float = Field(description="Fraction of images whose true cluster was run.")
     top1_gain: float = Field(description="top1 - original model's top1 (paper's 'Acc. Gain').")
+
+
+class TimingInfo(_Strict):
+    """Where the export measured ``latency_ms``: times are only comparable within one package."""
+
+    runtime: str = Field(description="e.g. 'onnxruntime 1.23.2 CPUExecutionProvider'.")
+    threads: int = Field(ge=0, description="Intra-op threads (0 = one per core).")
+    batch_sizes: list[int] = Field(min_length=1)
+    repetitions: int = Field(ge=1, description="Interleaved rounds; latency_ms is their median.")
+    cpu: str = Field(default="", description="Processor the times were measured on.")
+
+
+class HeadCandidate(_Strict):
+    """One trained head of the head family for one cluster, as the selection saw it."""
+
+    cluster: int = Field(ge=0)
+    arch: str
+    accuracy: float = Field(ge=0.0, le=1.0, description="Top-1 within the cluster, calibration split.")
+    flops: int = Field(ge=0)
+    latency_ms: dict[int, float] = Field(default_factory=dict)
+    cost: float = Field(description="What the selection minimised (relative time or FLOPs).")
+    chosen: bool = False
+
+
+class HeadSelection(_Strict):
+    """How each cluster's head was picked: the cheapest within ``tolerance`` of the best."""
+
+    cost: Literal["time", "flops"] = Field(description="time: sum over batch sizes of the "
+                                           "candidate's latency / the original's; flops: FLOPs.")
+    tolerance: float = Field(ge=0.0, le=1.0)
+    timing: TimingInfo | None = None
+    candidates: list[HeadCandidate] = Field(default_factory=list)
 
 
 class TrainingInfo(_Strict):
@@ -143,6 +185,7 @@ class Manifest(_Strict):
     activator: ActivatorSpec
     tau_sweep: list[SweepRow] = Field(default_factory=list)
     training: TrainingInfo
+    head_selection: HeadSelection | None = None
     extra_files: dict[str, str] = Field(
         default_factory=dict, description="Other files (plots, model card) -> sha256."
     )
@@ -173,6 +216,9 @@ class Manifest(_Strict):
             raise ValueError(f"clustifier_confusion must be {k}x{k}")
         if any(x < 0 for row in cm for x in row):
             raise ValueError("clustifier_confusion counts must be >= 0")
+        if self.activator.fill == "clustifier" and not self.clustifier.class_output:
+            raise ValueError("activator.fill = 'clustifier' needs a clustifier with class logits "
+                             "(clustifier.class_output); re-export the package or set fill 'none'")
         files = [c.file for c in self.components().values()]
         if len(set(files)) != len(files):
             raise ValueError("two components share one file")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.activator import Activation, Activator, combine, softmax
+from service.activator import Activation, Activator, combine, fill_unrun, softmax
 from service.manifest import Component, InputSpec, Manifest, load_manifest
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,16 @@ class Prediction:
     flops: Flops
     activation: Activation | None = None
     cluster_probs: np.ndarray | None = None  # (K,)
+    class_probs: np.ndarray | None = None  # (C,) the clustifier's own, when it has class logits
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every image of a batch pays whatever τ is: trunk features and clustifier outputs."""
+
+    features: np.ndarray | ort.OrtValue  # (N, C', H', W'); an OrtValue on the device with IOBinding
+    cluster_logits: np.ndarray  # (N, K)
+    class_logits: np.ndarray | None = None  # (N, C) when the clustifier exports them
 
 
 @dataclass
@@ -163,30 +173,37 @@ def default_providers() -> list[str]:
 
 
 class _Session:
-    """One ONNX Runtime session and the names of its single input and output."""
+    """One ONNX Runtime session, its single input and its outputs (the component's output first;
+    a clustifier's class logits second when it has them)."""
 
     def __init__(self, path: Path, component: Component, options: ort.SessionOptions,
                  providers: Sequence[str]) -> None:
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
         self.input_name = component.input_name
         self.output_name = component.output_name
+        self.output_names = [component.output_name] + (
+            [component.class_output] if component.class_output else [])
         # Where IOBinding leaves outputs: on the GPU when the session runs there.
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
-    def run_bound(self, x: np.ndarray | ort.OrtValue) -> ort.OrtValue:
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(self.output_names, {self.input_name: x})
+
+    def run_bound(self, x: np.ndarray | ort.OrtValue) -> list[ort.OrtValue]:
         """Run with IOBinding: a host array is copied in once, an ``OrtValue`` already on the
-        device is used in place, and the output stays on the device for the next session."""
+        device is used in place, and the outputs stay on the device for the next session."""
         binding = self.session.io_binding()
         if isinstance(x, np.ndarray):
             binding.bind_cpu_input(self.input_name, x)
         else:
             binding.bind_ortvalue_input(self.input_name, x)
-        binding.bind_output(self.output_name, self.device)
+        for name in self.output_names:
+            binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0]
+        return binding.get_outputs()
 
 
 class PackageRunner:
@@ -260,6 +277,7 @@ class PackageRunner:
             smoothing=m.activator.smoothing,
         )
         self.combination = m.activator.combination
+        self.fill = m.activator.fill
         self.clusters = m.cluster_members
         self.num_classes = len(m.class_names)
         self.head_flops = [c.head.flops for c in m.clusters]
@@ -283,53 +301,57 @@ class PackageRunner:
 
     def run_normalized(self, x: np.ndarray, tau: float | Sequence[float]) -> BatchResult:
         """CP-CNN inference on an already normalised (N, 3, H, W) float32 batch."""
-        features, logits, timings = self._shared(x)
-        result = self.route(features, logits, tau)
+        shared, timings = self._shared(x)
+        result = self.route(shared, tau)
         result.timings = {**timings, **result.timings}
         return result
 
-    def shared(self, x: np.ndarray) -> tuple[np.ndarray | ort.OrtValue, np.ndarray]:
-        """Trunk features and clustifier logits (N, K) of a normalised batch: the part of the
-        work every image pays whatever τ is. With IOBinding the features stay on the device."""
-        features, logits, _ = self._shared(x)
-        return features, logits
+    def shared(self, x: np.ndarray) -> Shared:
+        """Trunk features and clustifier outputs of a normalised batch: the part of the work
+        every image pays whatever τ is. With IOBinding the features stay on the device."""
+        return self._shared(x)[0]
 
-    def _shared(self, x: np.ndarray) -> tuple[np.ndarray | ort.OrtValue, np.ndarray,
-                                              dict[str, float]]:
+    def _shared(self, x: np.ndarray) -> tuple[Shared, dict[str, float]]:
         t0 = time.perf_counter()
+        clustifier = self._sessions["clustifier"]
         if self.io_binding:
-            features = self._sessions["trunk"].run_bound(x)  # OrtValue (N, C', H', W') on device
+            features = self._sessions["trunk"].run_bound(x)[0]  # OrtValue (N, C', H', W') on device
             t1 = time.perf_counter()
-            logits = self._sessions["clustifier"].run_bound(features).numpy()
+            outputs = [o.numpy() for o in clustifier.run_bound(features)]
         else:
             features = self._sessions["trunk"](x)  # (N, C', H', W')
             t1 = time.perf_counter()
-            logits = self._sessions["clustifier"](features)
-        return features, logits, {"trunk": t1 - t0, "clustifier": time.perf_counter() - t1}
+            outputs = clustifier.run_all(features)
+        shared = Shared(features, outputs[0], outputs[1] if len(outputs) > 1 else None)
+        return shared, {"trunk": t1 - t0, "clustifier": time.perf_counter() - t1}
 
-    def route(self, features: np.ndarray | ort.OrtValue, cluster_logits: np.ndarray,
-              tau: float | Sequence[float]) -> BatchResult:
-        """Activator → the chosen heads → Eq. 3, on ``shared()``'s outputs.
+    def route(self, shared: Shared, tau: float | Sequence[float]) -> BatchResult:
+        """Activator → the chosen heads → Eq. 3 (→ the top-5 fill), on ``shared()``'s outputs.
 
         ``tau`` may be one value for the batch or one per image (a micro-batch mixes requests).
         The offline τ sweep calls this once per τ on features it computed once.
         """
+        cluster_logits = shared.cluster_logits
         taus = np.broadcast_to(np.asarray(tau, dtype=np.float64), (len(cluster_logits),))
         t2 = time.perf_counter()
         cluster_probs = softmax(cluster_logits, axis=1)  # (N, K)
+        class_probs = None if shared.class_logits is None else softmax(shared.class_logits, axis=1)
         activations = [self.activator.select(p, float(t)) for p, t in zip(cluster_probs, taus, strict=True)]
         t3 = time.perf_counter()
-        head_logits = self._run_heads(features, activations)
+        head_logits = self._run_heads(shared.features, activations)
         t4 = time.perf_counter()
         m = self.manifest
         predictions = []
         for i, act in enumerate(activations):
             scores = combine(act, head_logits[i], self.clusters, self.num_classes,
                              self.combination)
+            if self.fill == "clustifier":
+                scores = fill_unrun(scores, act, self.clusters, class_probs[i])
             heads = sum(self.head_flops[h] for h in act.heads)
             flops = Flops(trunk=m.trunk.flops, clustifier=m.clustifier.flops, heads=heads,
                           original=m.original.flops, total=m.shared_flops() + heads)
-            predictions.append(Prediction(scores, flops, act, cluster_probs[i]))
+            predictions.append(Prediction(scores, flops, act, cluster_probs[i],
+                                          None if class_probs is None else class_probs[i]))
         t5 = time.perf_counter()
         return BatchResult(predictions, {"activator": t3 - t2, "heads": t4 - t3,
                                          "combine": t5 - t4})
@@ -360,7 +382,7 @@ class PackageRunner:
             role = f"head{h}"
             session = (every_core and self._wide_heads.get(role)) or self._sessions[role]
             batch = features if len(idx) == len(activations) else host[idx]
-            return session.run_bound(batch).numpy() if self.io_binding else session(batch)
+            return session.run_bound(batch)[0].numpy() if self.io_binding else session(batch)
 
         work = sum(len(idx) * self.head_flops[h] for h, idx in groups)
         if self._head_pool is not None and len(groups) > 1 and work >= self.heads_at_once_flops:

@@ -188,3 +188,25 @@ def test_select_batch_matches_select():
     v = softmax(rng.normal(size=(6, 4)), axis=1)
     act = Activator(CM)
     assert act.select_batch(v, 0.8) == [act.select(row, 0.8) for row in v]
+
+
+def test_fill_scores_unrun_classes_from_the_clustifier():
+    """Top-5 fill: classes of heads not run get the clustifier's own probability; the run classes
+    share its mass on them in combine's proportions, so their order is kept and the sum is 1."""
+    from service.activator import fill_unrun
+
+    clusters = [[0, 1], [2, 3, 4]]
+    act = Activation(heads=(0,), weights=(1.0,))
+    base = combine(act, {0: np.array([2.0, 0.0])}, clusters, 5)
+    assert base[2:].sum() == 0.0  # without fill: unreachable for top-k
+    q = np.array([0.3, 0.1, 0.35, 0.05, 0.2])
+    filled = fill_unrun(base, act, clusters, q)
+    assert filled.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(filled[2:], q[2:])
+    np.testing.assert_allclose(filled[:2], 0.4 * base[:2])  # M = 0.3 + 0.1
+    assert np.argsort(-filled[:2]).tolist() == np.argsort(-base[:2]).tolist()
+    every = Activation(heads=(0, 1), weights=(0.5, 0.5))
+    all_run = combine(every, {0: np.zeros(2), 1: np.zeros(3)}, clusters, 5)
+    np.testing.assert_allclose(fill_unrun(all_run, every, clusters, q), all_run)  # nothing to fill
+    with pytest.raises(ValueError, match="class_probs must have shape"):
+        fill_unrun(base, act, clusters, q[:4])

@@ -31,6 +31,9 @@ def test_overrides_typed_and_nested():
     ("original.epochs=three", "expected int"),
     ("original.augment=1", "expected true/false"),
     ('head_family=[{name="x", replace=["wavelet"]}]', "unknown block kinds"),
+    ('head_cost="speed"', "head_cost must be one of"),
+    ('head_family=[{name="short-1/8"}]', "names the head's files"),
+    ("head_family=[{name=\"x\", blocks=-2}]", "blocks must be >= 0"),
 ])
 def test_bad_overrides(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -33,6 +33,7 @@ def test_valid_package_loads(synthetic_package):
     (lambda d: d["trunk"].update(file="../trunk.onnx"), "plain file name"),
     (lambda d: d.update(surprise=1), "Extra inputs"),
     (lambda d: d["activator"].update(default_tau=1.5), "default_tau"),
+    (lambda d: d["activator"].update(fill="clustifier"), "needs a clustifier with class logits"),
 ])
 def test_schema_errors(synthetic_package, tmp_path, change, message):
     with pytest.raises(PackageError, match=message):

@@ -27,15 +27,36 @@ def test_clusters_match_planted_superclasses(synthetic_run):
 
 def test_every_stage_left_its_artifact(synthetic_run):
     assert all(synthetic_run.done(s) for s in STAGES)
+    m = load_manifest(synthetic_run.package_dir())
+    # This clustifier is not built on the original's classifier: no class logits, no fill.
+    assert m.clustifier.class_output == "" and m.activator.fill == "none"
     heads = json.loads((synthetic_run.dir / "heads.json").read_text())
     k = len(synthetic_run.load_clusters())
-    assert len(heads["chosen"]) == k
     assert len(heads["candidates"]) == 2 * k  # every family member trained for every cluster
-    for chosen in heads["chosen"]:
-        same = [c for c in heads["candidates"] if c["cluster"] == chosen["cluster"]]
-        best = max(c["accuracy"] for c in same)
-        ok = [c for c in same if c["accuracy"] >= best - synthetic_run.cfg.head_tolerance]
-        assert chosen["flops"] == min(c["flops"] for c in ok)  # cheapest within tolerance
+
+
+def test_heads_chosen_by_measured_time(synthetic_run, synthetic_package):
+    """Export times every candidate on ONNX Runtime and keeps, per cluster, the one with the least
+    relative time among those within head_tolerance of the best; the package holds only those."""
+    m = load_manifest(synthetic_package)
+    sel = m.head_selection
+    assert sel is not None and sel.cost == "time" and sel.timing.batch_sizes == [1, 32]
+    assert all(set(c.latency_ms) == {1, 32} and min(c.latency_ms.values()) > 0
+               for c in m.components().values())
+    assert len(sel.candidates) == 2 * m.num_clusters
+    for cluster in m.clusters:
+        same = [c for c in sel.candidates if c.cluster == cluster.index]
+        (chosen,) = [c for c in same if c.chosen]
+        best = max(c.accuracy for c in same)
+        ok = [c for c in same if c.accuracy >= best - sel.tolerance]
+        assert chosen.cost == min(c.cost for c in ok)
+        assert chosen.cost == pytest.approx(sum(chosen.latency_ms[b] / m.original.latency_ms[b]
+                                                for b in (1, 32)))
+        assert cluster.head.architecture == chosen.arch
+        assert cluster.head.latency_ms == chosen.latency_ms
+    assert not (synthetic_package / "candidates").exists()
+    assert sorted(p.name for p in synthetic_package.glob("*.onnx")) == sorted(
+        c.file for c in m.components().values())
 
 
 def test_package_validates_and_flops_add_up(synthetic_package):
@@ -109,15 +130,37 @@ def test_pruned_heads_and_joint_combination_end_to_end(synthetic_run, tmp_path):
     overrides = [o for o in TEST_OVERRIDES if not o.startswith("head_family")] + [
         f'run_dir="{run_dir}"', f'package.out_dir="{run_dir / "package"}"',
         'clustifier={name="clustifier-pruned", replace=["pruned", "pruned"], mid_ratio=0.5}',
-        'head_family=[{name="pruned", replace=["pruned", "pruned"], mid_ratio=0.5}]',
+        'head_family=[{name="pruned", replace=["pruned", "pruned"], mid_ratio=0.5}, '
+        '{name="short", replace=["pruned", "pruned"], mid_ratio=0.25, blocks=1}]',
         "head_optim.logit_match=0.1", "head_negatives=0.5", 'package.combination="joint"',
         'package.weighting="probability"', 'package.ranking="probability"',
+        "feature_mirror=false", 'head_optim.precision="bf16"', 'head_cost="flops"',
     ]
     run = Run(load_config(ROOT / "configs" / "synthetic.toml", overrides))
     run.run()
     m = load_manifest(run.package_dir())
     assert m.activator.combination == "joint"
-    assert {c.head.architecture for c in m.clusters} == {"pruned"}
+    # A pooling clustifier exports its class logits; the sweep chose the top-5 fill on calib.
+    assert m.clustifier.class_output == "class_logits"
+    assert m.activator.fill in ("none", "clustifier") and "calibration" in m.activator.fill_reason
+    filled = PackageRunner(run.package_dir(), manifest=m.model_copy(update={
+        "activator": m.activator.model_copy(update={"fill": "clustifier"})}))
+    images, _ = run.part("val")
+    for p in filled.run(images[:8], 0.0).predictions:
+        run_classes = m.clusters[p.activation.heads[0]].classes
+        others = np.setdiff1d(np.arange(len(m.class_names)), run_classes)
+        np.testing.assert_allclose(p.scores[others], p.class_probs[others])
+        assert p.scores.sum() == pytest.approx(1.0)
+    features, _, labels = run.train_features()
+    assert len(features) == len(labels) == len(run.splits.train)  # no mirrored copies
+    # FLOPs as the cost: the depth-cut head wins wherever it is within the tolerance.
+    sel = m.head_selection
+    assert sel.cost == "flops"
+    for c in m.clusters:
+        same = {h.arch: h for h in sel.candidates if h.cluster == c.index}
+        assert same["short"].flops < same["pruned"].flops
+        within = same["short"].accuracy >= same["pruned"].accuracy - sel.tolerance
+        assert c.head.architecture == ("short" if within else "pruned")
     assert m.clustifier.flops < m.original.flops - m.trunk.flops  # pruned: cheaper than the tail
     assert all(c.head.flops < m.original.flops - m.trunk.flops for c in m.clusters)
     last = m.tau_sweep[-1]  # τ = 1: every head, one softmax over all their logits

@@ -42,9 +42,9 @@ def test_route_on_shared_outputs_is_run(images):
     from service.runner import normalize
 
     runner = PackageRunner(SHIPPED_PACKAGE, verify=False)
-    features, logits = runner.shared(normalize(images, runner.manifest.input))
+    shared = runner.shared(normalize(images, runner.manifest.input))
     for tau in (0.0, 0.8, 1.0):
-        direct, routed = runner.run(images, tau), runner.route(features, logits, tau)
+        direct, routed = runner.run(images, tau), runner.route(shared, tau)
         assert set(direct.timings) == {"trunk", "clustifier", "activator", "heads", "combine"}
         for a, b in zip(direct.predictions, routed.predictions, strict=True):
             assert a.activation == b.activation and a.flops == b.flops

@@ -56,6 +56,7 @@ class PackageConfig:
     out_dir: str = ""  # where to write the package ("" = <run_dir>/package)
     default_tau: float = 0.7  # the paper's choice for CIFAR-100; used unless choose_tau
     choose_tau: bool = False  # pick default_tau from the sweep (training.evaluate.choose_default_tau)
+    choose_fill: bool = True  # score the classes of heads not run from the clustifier's class softmax when that helps top-5 on the calibration split (training.evaluate.choose_fill)
     max_top1_loss: float = 0.01  # ... as the biggest FLOP saving within this top-1 loss
     ranking: str = "confusion"  # activator cluster ranking: confusion (paper) | probability
     weighting: str = "confusion"  # activator weights: confusion (paper, Eq. 3) | probability
@@ -86,6 +87,7 @@ class RunConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     model: ResNetConfig = field(default_factory=ResNetConfig)  # num_classes/input_size set from data
     original: OptimConfig = field(default_factory=OptimConfig)
+    original_init: str = ""  # an exported original.onnx (same layout, narrower) to start from: imported and widened to [model].width without changing its function (training.models.widen); "" = from scratch
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     split_after: str = "layer2"  # last stage of the shared trunk
     clustifier: HeadArch = field(
@@ -94,8 +96,17 @@ class RunConfig:
     head_family: list[HeadArch] = field(default_factory=_default_family)
     head_optim: OptimConfig = field(default_factory=lambda: OptimConfig(distill=0.5))
     head_tolerance: float = 0.01  # pick the cheapest head within this accuracy of the best
+    head_cost: str = "time"  # what "cheapest" means: time (measured at export on the serving runtime, batch 1 and 32) | flops
+    feature_mirror: bool = True  # also cache trunk features of mirrored images (flip augmentation for clustifier and heads; doubles the cache)
     head_negatives: float = 0.0  # images of other clusters per member image a head also trains on (distillation only): teaches it the original's low logits off its cluster
     package: PackageConfig = field(default_factory=PackageConfig)
+
+    def __post_init__(self) -> None:
+        if self.head_cost not in HEAD_COSTS:
+            raise ValueError(f"head_cost must be one of {HEAD_COSTS}, got {self.head_cost!r}")
+
+
+HEAD_COSTS = ("time", "flops")
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

@@ -58,8 +58,8 @@ def diagnose(run_dir: Path, package_dir: Path, taus: list[float]) -> dict:
     original = predict(run.load_original(), images, desc="original", **run.norm)  # (N, C)
     runner = PackageRunner(package_dir, verify=False)
     shared = shared_outputs(runner, images)  # per batch: trunk features, clustifier logits
-    probs = softmax(np.concatenate([logits for _, logits in shared]), axis=1)  # (N, K)
-    package_heads = [np.concatenate([runner.head_logits(k, features) for features, _ in shared])
+    probs = softmax(np.concatenate([s.cluster_logits for s in shared]), axis=1)  # (N, K)
+    package_heads = [np.concatenate([runner.head_logits(k, s.features) for s in shared])
                      for k in range(len(clusters))]
     original_heads = [original[:, members] for members in clusters]
     truth = to_cluster[labels]

@@ -49,7 +49,7 @@ def feature_transform(cfg: OptimConfig) -> Transform:
     """Cached trunk features (B, C, H, W) → float32, randomly shifted by up to one cell.
 
     A one-cell shift of a stride-s feature map stands in for an s-pixel random crop of the image;
-    horizontal flips come from the flipped copies in the cache.
+    horizontal flips come from the flipped copies in the cache, when it has them.
     """
 
     def transform(batch: torch.Tensor, gen: torch.Generator, epoch: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from service.activator import fill_unrun
 from service.manifest import (
     Accuracy,
     Manifest,
@@ -21,7 +22,7 @@ from service.manifest import (
     sha256_file,
     write_manifest,
 )
-from service.runner import BatchResult, PackageRunner, normalize
+from service.runner import BatchResult, PackageRunner, Prediction, Shared, normalize
 from training.engine import topk_accuracy
 from training.report import plot_tau_sweep
 
@@ -35,7 +36,7 @@ def _batched(run, images: np.ndarray, batch_size: int, desc: str) -> list[BatchR
             for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False)]
 
 
-SharedOutputs = list[tuple[np.ndarray, np.ndarray]]  # per batch: trunk features, clustifier logits
+SharedOutputs = list[Shared]  # per batch: trunk features, clustifier outputs
 
 
 def shared_outputs(runner: PackageRunner, images: np.ndarray,
@@ -54,9 +55,14 @@ def evaluate_tau(runner: PackageRunner, images: np.ndarray, labels: np.ndarray, 
     """One row of the sweep: accuracy, FLOPs and the heads-run histogram at threshold ``tau``."""
     m = runner.manifest
     shared = shared if shared is not None else shared_outputs(runner, images, batch_size)
-    results = [runner.route(features, logits, tau) for features, logits in shared]
+    results = [runner.route(batch, tau) for batch in shared]
     preds = [p for r in results for p in r.predictions]
     scores = np.stack([p.scores for p in preds])  # (N, C)
+    return _row(m, preds, scores, labels, tau, original_top1)
+
+
+def _row(m: Manifest, preds: list[Prediction], scores: np.ndarray, labels: np.ndarray, tau: float,
+         original_top1: float) -> SweepRow:
     n_heads = np.array([len(p.activation.heads) for p in preds])
     flops = np.array([p.flops.total for p in preds], dtype=np.float64)
     members = [set(c) for c in m.cluster_members]
@@ -114,17 +120,56 @@ def choose_default_tau(rows: Sequence[SweepRow], original_top1: float,
         f"{best.mean_heads:.2f} heads per image on average.")
 
 
+def choose_fill(runner: PackageRunner, images: np.ndarray, labels: np.ndarray,
+                taus: Sequence[float], batch_size: int = 256) -> tuple[str, str]:
+    """``fill`` for the package, and why: "clustifier" when, averaged over ``taus`` on these
+    (calibration) images, it raises top-5 and keeps top-1 within ``TOP1_TIE``; else "none".
+
+    The heads run once per τ; both scorings come from the same predictions (``fill_unrun`` only
+    rescales what ``combine`` gave), so the comparison is exact, not two noisy runs.
+    """
+    none_manifest = runner.manifest.model_copy(
+        update={"activator": runner.manifest.activator.model_copy(update={"fill": "none"})})
+    if not runner.manifest.clustifier.class_output:
+        return "none", "fill = none: the clustifier has no class logits to fill from."
+    plain = PackageRunner(runner.package_dir, manifest=none_manifest, verify=False)
+    shared = shared_outputs(plain, images, batch_size)
+    clusters = runner.manifest.cluster_members
+    acc = {"none": np.zeros(2), "clustifier": np.zeros(2)}
+    for tau in tqdm(taus, desc="top-5 fill on calib", leave=False):
+        preds = [p for batch in shared for p in plain.route(batch, tau).predictions]
+        base = np.stack([p.scores for p in preds])
+        filled = np.stack([fill_unrun(p.scores, p.activation, clusters, p.class_probs) for p in preds])
+        for name, scores in (("none", base), ("clustifier", filled)):
+            acc[name] += [topk_accuracy(scores, labels, 1), topk_accuracy(scores, labels, 5)]
+    (n1, n5), (f1, f5) = acc["none"] / len(taus), acc["clustifier"] / len(taus)
+    better = f5 > n5 and f1 >= n1 - TOP1_TIE
+    reason = (f"fill = {'clustifier' if better else 'none'}: on the {len(labels)} calibration "
+              f"images, averaged over τ in {list(taus)}, filling the classes of heads not run from "
+              f"the clustifier's class softmax gives top-5 {100 * f5:.2f}% against "
+              f"{100 * n5:.2f}% and top-1 {100 * f1:.2f}% against {100 * n1:.2f}% without.")
+    logger.info("%s", reason)
+    return ("clustifier" if better else "none"), reason
+
+
 def sweep_package(package_dir: str | Path, images: np.ndarray, labels: np.ndarray,
                   taus: Sequence[float], batch_size: int = 256, *,
-                  max_top1_loss: float | None = None) -> list[SweepRow]:
+                  max_top1_loss: float | None = None,
+                  calib: tuple[np.ndarray, np.ndarray] | None = None) -> list[SweepRow]:
     """Sweep τ over (N, H, W, 3) uint8 validation images; store the table and plot in the package.
 
     With ``max_top1_loss`` the package's default τ is chosen from the sweep
-    (``choose_default_tau``) and the reason is stored in its manifest.
+    (``choose_default_tau``) and the reason is stored in its manifest. With ``calib`` images and
+    labels the top-5 fill is chosen on them first (``choose_fill``) and the sweep runs with it.
     """
     package_dir = Path(package_dir)
     runner = PackageRunner(package_dir)
     m = runner.manifest
+    if calib is not None:
+        fill, fill_reason = choose_fill(runner, *calib, taus, batch_size)
+        m = m.model_copy(update={"activator": m.activator.model_copy(
+            update={"fill": fill, "fill_reason": fill_reason})})
+        runner = PackageRunner(package_dir, manifest=m, verify=False)
     orig = _batched(runner.run_original, images, batch_size, "original")
     orig_scores = np.stack([p.scores for r in orig for p in r.predictions])
     original = Accuracy(top1=topk_accuracy(orig_scores, labels, 1),

@@ -49,6 +49,16 @@ def _bn_after(model: ResNet) -> dict[nn.Conv2d, nn.BatchNorm2d]:
     return pairs
 
 
+def onnx_stem_width(onnx_path: str | Path) -> int:
+    """Output channels of the graph's first conv: the ``width`` of the ResNet it was exported from."""
+    graph = onnx.load(str(onnx_path)).graph
+    init = {t.name: t for t in graph.initializer}
+    first = next((n for n in graph.node if n.op_type == "Conv"), None)
+    if first is None or first.input[1] not in init:
+        raise ValueError(f"{onnx_path}: no convolution with a stored weight; is it an original.onnx?")
+    return int(init[first.input[1]].dims[0])
+
+
 def import_original(onnx_path: str | Path, cfg: ResNetConfig, images: Iterable[torch.Tensor]) -> ResNet:
     """A ``ResNet(cfg)`` whose eval-mode function equals ``onnx_path``'s, with BN re-estimated.
 

@@ -8,9 +8,9 @@ Stages, in order:
 3. clustering  — Algorithm 2 (or linkage)                        → clusters.json, cluster_sizes.png
 4. trunk       — freeze the original's first stages             → trunk.json
 5. clustifier  — small net on trunk features → cluster           → clustifier.pt
-6. heads       — per cluster, each family member, pick cheapest  → heads/*.pt, heads.json
+6. heads       — per cluster, every family member               → heads/*.pt, heads.json
 7. confusion   — clustifier confusion matrix on held-out data    → confusion.json
-8. export      — ONNX, parity, FLOPs, manifest                   → package/
+8. export      — ONNX, parity, FLOPs, timed head choice, manifest → package/
 9. sweep       — τ sweep through the package runner              → manifest tau_sweep, tau_sweep.png
 """
 
@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -30,12 +30,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from training import precision as prec
 from training.clustering import linkage_clusters, spectral_clusters
 from training.config import RunConfig, config_from_dict, config_to_dict
 from training.data import ImageSet, Splits, load_dataset, split_dataset, to_tensor
 from training.engine import IGNORE, feature_transform, fit, image_transform, predict, topk_accuracy
 from training.models.heads import ClusterPool, HeadNet
 from training.models.resnet import ResNet, ResNetConfig, Trunk, build_trunk
+from training.models.widen import widen_resnet
+from training.onnx_import import import_original, onnx_stem_width
 from training.similarity import class_similarity, confusion_matrix
 
 logger = logging.getLogger(__name__)
@@ -62,6 +65,8 @@ def module_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 @dataclass
 class HeadChoice:
+    """A trained candidate head (heads.json): the export times it and may choose it."""
+
     cluster: int
     arch: str
     accuracy: float
@@ -120,7 +125,6 @@ class Run:
 
     @property
     def model_cfg(self) -> ResNetConfig:
-        from dataclasses import replace
         return replace(self.cfg.model, num_classes=self.dataset.num_classes,
                        input_size=self.cfg.data.image_size)
 
@@ -149,9 +153,10 @@ class Run:
         net.load_state_dict(torch.load(self.dir / "clustifier.pt", map_location="cpu"))
         return net.eval()
 
-    def head_choices(self) -> list[HeadChoice]:
+    def head_candidates(self) -> list[HeadChoice]:
+        """Every trained head of the family for every cluster, with its calibration accuracy."""
         report = json.loads((self.dir / "heads.json").read_text())
-        return [HeadChoice(**c) for c in report["chosen"]]
+        return [HeadChoice(**c) for c in report["candidates"]]
 
     def load_head(self, cluster: int, arch_name: str) -> HeadNet:
         arch = next(a for a in self.cfg.head_family if a.name == arch_name)
@@ -187,13 +192,24 @@ class Run:
             logger.info("stage %-10s done in %.1f s", stage, time.perf_counter() - t0)
 
     def stage_original(self) -> None:
-        """1. Train the original classifier: the baseline every saving is measured against."""
+        """1. Train the original classifier: the baseline every saving is measured against.
+
+        With ``original_init`` the run starts from a shipped narrower original, widened without
+        changing its function, instead of from random weights (hours of CPU saved).
+        """
         cfg = self.cfg
+        checkpoint = self.dir / "original.ckpt.pt"
         model = ResNet(self.model_cfg)
+        if cfg.original_init and not checkpoint.exists():
+            narrow_cfg = replace(self.model_cfg, width=onnx_stem_width(cfg.original_init))
+            narrow = self._imported(cfg.original_init, narrow_cfg)
+            model = widen_resnet(narrow, self.model_cfg.width, seed=cfg.seed)
+            logger.info("original starts from %s (width %d) widened to width %d", cfg.original_init,
+                        narrow_cfg.width, self.model_cfg.width)
         images, labels = self.part("train")
         fit(model, lambda x, idx: (model(x), None), torch.from_numpy(images), labels, cfg.original,
             transform=image_transform(cfg.original, cfg.mean, cfg.std, cfg.data.image_size),
-            checkpoint=self.dir / "original.ckpt.pt", seed=cfg.seed, desc="original")
+            checkpoint=checkpoint, seed=cfg.seed, desc="original")
         self._save_original(model)
 
     def _save_original(self, model: ResNet, **extra: str) -> None:
@@ -205,20 +221,26 @@ class Run:
         torch.save({"model_cfg": model.cfg.to_dict(), "state_dict": model.state_dict(),
                     "val_accuracy": acc, **extra}, self.dir / "original.pt")
 
-    def import_original(self, onnx_path: str | Path, stat_images: int = 4096) -> None:
-        """Stage 1 from a shipped ``original.onnx`` instead of training (hours on a CPU).
+    def import_original(self, onnx_path: str | Path) -> None:
+        """Stage 1 from a shipped ``original.onnx`` instead of training (hours on a CPU)."""
+        model = self._imported(onnx_path, self.model_cfg)
+        self.save_config()
+        self._save_original(model, imported_from=str(onnx_path))
+
+    def _imported(self, onnx_path: str | Path, model_cfg: ResNetConfig,
+                  stat_images: int = 4096) -> ResNet:
+        """A trainable ``ResNet(model_cfg)`` with the weights of ``onnx_path``.
 
         BN statistics are measured on ``stat_images`` training images; parity with ONNX Runtime
-        and the validation accuracy are checked and recorded as stage_original records them.
+        is checked (a graph that does not match ``model_cfg`` is refused).
         """
         from export.onnx_export import ort_max_difference
-        from training.onnx_import import import_original
         images, _ = self.part("train")
         rng = np.random.default_rng(self.cfg.seed)
         pick = np.sort(rng.choice(len(images), size=min(stat_images, len(images)), replace=False))
         batches = (to_tensor(torch.from_numpy(images[pick[i:i + 256]]), self.cfg.mean, self.cfg.std)
                    for i in range(0, len(pick), 256))
-        model = import_original(onnx_path, self.model_cfg, batches)
+        model = import_original(onnx_path, model_cfg, batches)
         val_images, _ = self.part("val")
         probe = to_tensor(torch.from_numpy(val_images[:64]), self.cfg.mean, self.cfg.std)
         diff = ort_max_difference(model, onnx_path, [probe.numpy()])
@@ -226,8 +248,7 @@ class Run:
             raise ValueError(f"imported model differs from {onnx_path} by {diff:.2e} in the logits; "
                              "the config's [model] does not describe this graph")
         logger.info("imported %s: max |Δlogit| vs ONNX Runtime %.1e", onnx_path, diff)
-        self.save_config()
-        self._save_original(model, imported_from=str(onnx_path))
+        return model
 
     def stage_similarity(self) -> None:
         """2. Class similarity from the original's softmax on the calibration split."""
@@ -278,49 +299,61 @@ class Run:
             "original_flops": module_flops(model, (3, s, s)),
         })
 
-    def train_features(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """Trunk features and original-model logits of every training image and its mirror.
+    @property
+    def feature_copies(self) -> int:
+        """Copies of each training image in the feature cache: 2 with mirrored ones, else 1."""
+        return 2 if self.cfg.feature_mirror else 1
 
-        Stages 5 and 6 train many small networks on the frozen trunk; running the trunk (half
-        the original's FLOPs) and the distillation teacher once, instead of once per network and
-        epoch, is what makes them affordable on a CPU. Cached in the run directory as float16.
-        Returns features (2N, C', H', W'), teacher logits (2N, C), labels (2N,).
+    def train_features(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Trunk features and original-model logits of every training image (and its mirror).
+
+        Stages 5 and 6 train many small networks on the frozen trunk; running the trunk and the
+        distillation teacher once, instead of once per network and epoch, is what makes them
+        affordable on a CPU. Cached in the run directory as float16 and memory-mapped (a layer1
+        cut of a width-64 ResNet at 64 px is 128 KiB an image: 11 GB for Tiny-ImageNet, twice
+        that with ``feature_mirror``). Computed in the heads' precision (bf16 autocast when set).
+        Returns features (M·N, C', H', W'), teacher logits (M·N, C), labels (M·N,); M = 2 with
+        mirrored copies, else 1.
         """
         cache = self.dir / "features"
         paths = {k: cache / f"train_{k}.npy" for k in ("features", "teacher", "labels")}
+        flips = (False, True)[:self.feature_copies]
         if not all(p.exists() for p in paths.values()):
             cache.mkdir(exist_ok=True)
             images, labels = self.part("train")
             model = self.load_original()
+            precision = prec.resolve(self.cfg.head_optim.precision)
+            prec.prepare(model, precision)
             trunk = build_trunk(model, self.cfg.split_after)
-            tail = self._original_tail()
+            tail = self._original_tail(model)
             n = len(images)
-            shape = (2 * n, *self.feature_shape())
+            shape = (len(flips) * n, *self.feature_shape())
             feats = np.lib.format.open_memmap(paths["features"].with_suffix(".tmp"), mode="w+",
                                               dtype=np.float16, shape=shape)
-            teacher = np.zeros((2 * n, self.dataset.num_classes), dtype=np.float16)
-            for copy, flip in enumerate((False, True)):
+            teacher = np.zeros((len(flips) * n, self.dataset.num_classes), dtype=np.float16)
+            for copy, flip in enumerate(flips):
                 src = images[:, :, ::-1] if flip else images  # mirror: (N, H, W, 3)
                 for start in tqdm(range(0, n, 256), desc=f"trunk features {'flipped' if flip else 'original'}"):
                     x = to_tensor(torch.from_numpy(np.ascontiguousarray(src[start:start + 256])),
                                   self.cfg.mean, self.cfg.std)
-                    with torch.no_grad():
-                        f = trunk(x)  # (B, C', H', W')
+                    with torch.no_grad(), prec.autocast(precision):
+                        f = trunk(prec.layout(x, precision))  # (B, C', H', W')
                         rows = slice(copy * n + start, copy * n + start + len(x))
-                        feats[rows] = f.numpy().astype(np.float16)
-                        teacher[rows] = tail(f).numpy().astype(np.float16)
+                        feats[rows] = f.float().numpy().astype(np.float16)
+                        teacher[rows] = tail(f).float().numpy().astype(np.float16)
             feats.flush()
             del feats
             paths["features"].with_suffix(".tmp").replace(paths["features"])
             np.save(paths["teacher"], teacher)
-            np.save(paths["labels"], np.concatenate([labels, labels]))
-        feats = torch.from_numpy(np.load(paths["features"]))
+            np.save(paths["labels"], np.concatenate([labels] * len(flips)))
+        # Copy-on-write map: pages come from the file on demand, nothing is written back.
+        feats = torch.from_numpy(np.load(paths["features"], mmap_mode="c"))
         teacher_t = torch.from_numpy(np.load(paths["teacher"]))
         return feats, teacher_t, np.load(paths["labels"])
 
-    def _original_tail(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _original_tail(self, model: ResNet | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         """Original model from trunk features to logits (the distillation teacher)."""
-        model = self.load_original()
+        model = model or self.load_original()
         tail = nn.Sequential(*model.stages()[model.split_index(self.cfg.split_after):]).eval()
         return lambda f: model.forward_head(tail(f))
 
@@ -345,11 +378,11 @@ class Run:
         fit(net, forward, feats, to_cluster[labels], self.cfg.clustifier_optim,
             transform=feature_transform(self.cfg.clustifier_optim),
             checkpoint=self.dir / "clustifier.ckpt.pt", seed=self.cfg.seed + 1,
-            desc="clustifier", epoch_size=len(feats) // 2)
+            desc="clustifier", epoch_size=len(feats) // self.feature_copies)
         torch.save(net.state_dict(), self.dir / "clustifier.pt")
 
     def stage_heads(self) -> None:
-        """6. One head per cluster and family member; keep the cheapest within tolerance of best."""
+        """6. One head per cluster and family member; export keeps the cheapest within tolerance."""
         clusters = self.load_clusters()
         (self.dir / "heads").mkdir(exist_ok=True)
         feats, teacher_logits, labels = self.train_features()
@@ -358,7 +391,7 @@ class Run:
         original = self.load_original()
         cal_feats = torch.from_numpy(predict(self.load_trunk(), cal_images, desc="calib features",
                                              **self.norm))  # (N_cal, C', H', W')
-        report: dict[str, list] = {"candidates": [], "chosen": []}
+        report: dict[str, list] = {"candidates": []}
         for ci, members in enumerate(clusters):
             local = {c: j for j, c in enumerate(members)}
             sel = np.isin(labels, members)
@@ -393,7 +426,7 @@ class Run:
                         transform=feature_transform(self.cfg.head_optim),
                         checkpoint=path.with_suffix(".ckpt.pt"),
                         seed=self.cfg.seed + 100 + ci, desc=f"head c{ci} {arch.name}",
-                        epoch_size=len(head_feats) // 2)
+                        epoch_size=len(head_feats) // self.feature_copies)
                     torch.save(net.state_dict(), path)
                 net.eval()
                 with torch.no_grad():
@@ -403,14 +436,8 @@ class Run:
                 candidates.append(HeadChoice(ci, arch.name, acc, flops))
                 logger.info("cluster %d head %-12s calib acc %.4f, %.2f MFLOPs", ci, arch.name,
                             acc, flops / 1e6)
-            best = max(c.accuracy for c in candidates)
-            ok = [c for c in candidates if c.accuracy >= best - self.cfg.head_tolerance]
-            chosen = min(ok, key=lambda c: (c.flops, -c.accuracy))
-            logger.info("cluster %d: chose %s (acc %.4f, best %.4f)", ci, chosen.arch,
-                        chosen.accuracy, best)
             report["candidates"] += [c.__dict__ for c in candidates]
-            report["chosen"].append(chosen.__dict__)
-        _write_json(self.dir / "heads.json", report)
+        _write_json(self.dir / "heads.json", report)  # export times them and picks one per cluster
 
     def stage_confusion(self) -> None:
         """7. Clustifier confusion matrix on the calibration split (never on training data)."""
@@ -447,7 +474,8 @@ class Run:
         images, labels = self.part("val")
         pc = self.cfg.package
         rows = sweep_package(self.package_dir(), images, labels, pc.sweep_taus,
-                             max_top1_loss=pc.max_top1_loss if pc.choose_tau else None)
+                             max_top1_loss=pc.max_top1_loss if pc.choose_tau else None,
+                             calib=self.part("calib") if pc.choose_fill else None)
         _write_json(self.dir / "sweep.json", [r.model_dump() for r in rows])
         from export.card import write_card
         write_card(self.package_dir(), self.dir)
