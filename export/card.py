@@ -71,6 +71,9 @@ def _settings(cfg: dict) -> list[str]:
         f"one-cycle lr {o['lr']}, batch {o['batch_size']}, weight decay {o['weight_decay']}, label "
         f"smoothing {o['label_smoothing']}, random crop (reflect pad) + horizontal flip; seed "
         f"{cfg['seed']}.",
+        "- Weights stored as float16 in the ONNX files, computed in float32 (ONNX Runtime folds "
+        "the casts when it loads them); every figure here is of the files as stored."
+        if cfg.get("package", {}).get("weights") == "fp16" else "",
         f"- Split point: after `{cfg['split_after']}` (the trunk is the original's stages up to it, "
         "frozen).",
         f"- Class similarity: `{cl['similarity']}` on the calibration split; clustering "
@@ -130,7 +133,7 @@ def render_card(m: Manifest) -> str:
               "clustifier confusion matrix, head choice), the rest training.",
               f"- Images: {t.train_images} train, {t.calib_images} calibration, {t.val_images} "
               "validation.", "",
-              "## Training settings", "", *_settings(cfg), "",
+              "## Training settings", "", *filter(None, _settings(cfg)), "",
               "## Components", "",
               "| part | file | MFLOPs | of original | parameters | architecture |",
               "|---|---|---|---|---|---|"]
@@ -153,7 +156,7 @@ def render_card(m: Manifest) -> str:
         names = ", ".join(short_name(m.class_names[i]) for i in c.classes)
         lines.append(f"| {c.index} | {len(c.classes)} | `{c.head.architecture}` | "
                      f"{c.head.flops / 1e6:.2f} | {names} |")
-    lines += head_selection_table(m)
+    lines += split_point_table(m) + head_selection_table(m)
     lines += ["", "## τ sweep", "",
               f"On the {t.val_images} validation images, through the serving runner and activator "
               f"(ranking `{m.activator.ranking}`, weighting `{m.activator.weighting}`, combination `{m.activator.combination}`). `#n`: "
@@ -171,6 +174,25 @@ def render_card(m: Manifest) -> str:
 
 def _ms(latency: dict[int, float]) -> str:
     return " / ".join(f"{latency[b]:.2f}" for b in sorted(latency)) if latency else "—"
+
+
+def split_point_table(m: Manifest) -> list[str]:
+    """The trunk at every cut the export timed: what every image pays before any head."""
+    if not m.split_points:
+        return []
+    o = m.original
+    batches = sorted(o.latency_ms)
+    lines = ["", "Where to cut: the trunk (paid by every image) cut after each stage, timed beside "
+             "the original. Its share of the original's time bounds the saving at that cut.", "",
+             "| trunk up to | MFLOPs | of original | ms (batch " + " / ".join(map(str, batches))
+             + ") | of original's time | shipped |", "|---|---|---|---|---|---|"]
+    for p in m.split_points:
+        share = " / ".join(pct(p.trunk_latency_ms[b] / o.latency_ms[b]) for b in batches
+                           if b in p.trunk_latency_ms)
+        lines.append(f"| `{p.split_after}` | {p.trunk_flops / 1e6:.1f} | "
+                     f"{pct(p.trunk_flops / o.flops)} | {_ms(p.trunk_latency_ms)} | {share} | "
+                     f"{'**yes**' if p.chosen else ''} |")
+    return lines
 
 
 def head_selection_table(m: Manifest) -> list[str]:

@@ -10,11 +10,14 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
-from export.onnx_export import ExportReport, export_onnx
+from export.onnx_export import ExportCheckError, ExportReport, export_onnx
 from export.selection import choose_heads
+from export.storage import max_output_difference, store_float16
 from export.timing import relative_time, time_graphs
 from service.manifest import (
     Accuracy,
@@ -25,6 +28,7 @@ from service.manifest import (
     HeadSelection,
     InputSpec,
     Manifest,
+    SplitPoint,
     TimingInfo,
     TrainingInfo,
     load_manifest,
@@ -34,6 +38,7 @@ from service.manifest import (
 from training.config import config_to_dict
 from training.data import to_tensor
 from training.models.heads import WithClassLogits
+from training.models.resnet import build_trunk
 
 if TYPE_CHECKING:
     from training.pipeline import Run
@@ -66,9 +71,12 @@ def export_run(run: Run, out_dir: Path, *, parity_images: int = 32) -> Manifest:
 
     def export(module: nn.Module, name: str, shape: tuple[int, ...], x: torch.Tensor,
                input_name: str, output_name: str, extra: tuple[str, ...] = ()) -> ExportReport:
-        return export_onnx(module, tmp / name, input_shape=shape, input_name=input_name,
-                           output_name=output_name, extra_outputs=extra, opset=cfg.package.opset,
-                           real_inputs=x.numpy())
+        report = export_onnx(module, tmp / name, input_shape=shape, input_name=input_name,
+                             output_name=output_name, extra_outputs=extra,
+                             opset=cfg.package.opset, real_inputs=x.numpy())
+        if cfg.package.weights == "fp16":
+            _to_float16(report.path, x.numpy())
+        return report
 
     def component(report: ExportReport, arch: str, input_name: str, output_name: str,
                   latency_ms: dict[int, float]) -> Component:
@@ -96,7 +104,14 @@ def export_run(run: Run, out_dir: Path, *, parity_images: int = 32) -> Manifest:
         reports[_key(cand.cluster, cand.arch)] = export(
             head, f"{CANDIDATES}/cluster{cand.cluster}_{cand.arch}.onnx", feature_shape,
             real_features, "features", "logits")
-    shapes = {k: (3, s, s) if k in ("original", "trunk") else feature_shape for k in reports}
+    # The trunk cut after every other stage too: the floor of the conditional path at each cut.
+    cuts = [n for n in original.stage_names[1:-1] if n != cfg.split_after]
+    for name in cuts:
+        reports[f"trunk_{name}"] = export(build_trunk(original, name),
+                                          f"{CANDIDATES}/trunk_{name}.onnx", (3, s, s), real,
+                                          "image", "features")
+    shapes = {k: feature_shape if k == "clustifier" or k.startswith("cluster") else (3, s, s)
+              for k in reports}
     latency, timing = time_graphs({k: r.path for k, r in reports.items()}, shapes,
                                   threads=cfg.threads)
     selection = _select_heads(run, reports, latency, timing)
@@ -115,6 +130,12 @@ def export_run(run: Run, out_dir: Path, *, parity_images: int = 32) -> Manifest:
                                        head=component(report, cand.arch, "features", "logits",
                                                       latency[key])))
     cluster_entries.sort(key=lambda c: c.index)
+    split_points = sorted(
+        [SplitPoint(split_after=name, trunk_flops=reports[f"trunk_{name}"].flops,
+                    trunk_latency_ms=latency[f"trunk_{name}"]) for name in cuts]
+        + [SplitPoint(split_after=cfg.split_after, trunk_flops=trunk_c.flops,
+                      trunk_latency_ms=trunk_c.latency_ms, chosen=True)],
+        key=lambda p: original.stage_names.index(p.split_after))
     shutil.rmtree(tmp / CANDIDATES)
     confusion = json.loads((run.dir / "confusion.json").read_text())
     original_acc = torch.load(run.dir / "original.pt", map_location="cpu",
@@ -136,6 +157,7 @@ def export_run(run: Run, out_dir: Path, *, parity_images: int = 32) -> Manifest:
                                 weighting=cfg.package.weighting, smoothing=cfg.package.smoothing,
                                 combination=cfg.package.combination),
         head_selection=selection,
+        split_points=split_points,
         training=TrainingInfo(
             dataset=run.dataset.name, num_classes=run.dataset.num_classes,
             train_images=len(splits.train), calib_images=len(splits.calib),
@@ -157,6 +179,30 @@ def export_run(run: Run, out_dir: Path, *, parity_images: int = 32) -> Manifest:
 
 CLASS_OUTPUT = "class_logits"
 CANDIDATES = "candidates"  # scratch folder of the package being written: every trained head
+
+
+FP16_RTOL = 1e-2  # float16 weights may move an output by this fraction of its largest value
+
+
+def _to_float16(path: Path, real: np.ndarray) -> None:
+    """Store ``path``'s weights as float16 (export.storage), checked against the float32 graph."""
+    fp32 = path.with_suffix(".fp32.onnx")
+    shutil.copyfile(path, fp32)
+    store_float16(path)
+    inputs = [np.ascontiguousarray(real, dtype=np.float32)]
+    scale = max(float(np.abs(y).max()) for y in _outputs(fp32, inputs[0]))
+    diff = max_output_difference(fp32, path, inputs)
+    fp32.unlink()
+    if diff > FP16_RTOL * max(scale, 1.0):
+        raise ExportCheckError(f"{path.name}: float16 weights move its outputs by {diff:.2e} "
+                               f"(largest output {scale:.2f}); store this package in fp32")
+    logger.info("%s: weights stored as float16, max |Δ| vs float32 %.2e (largest output %.2f)",
+                path.name, diff, scale)
+
+
+def _outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})
 
 
 def _key(cluster: int, arch: str) -> str:

@@ -153,6 +153,16 @@ class HeadSelection(_Strict):
     candidates: list[HeadCandidate] = Field(default_factory=list)
 
 
+class SplitPoint(_Strict):
+    """The trunk cut after one stage of the original, as timed at export: the floor of what the
+    conditional path costs at that cut (every image pays the trunk)."""
+
+    split_after: str
+    trunk_flops: int = Field(ge=0)
+    trunk_latency_ms: dict[int, float] = Field(default_factory=dict)
+    chosen: bool = False
+
+
 class TrainingInfo(_Strict):
     dataset: str
     num_classes: int
@@ -186,6 +196,7 @@ class Manifest(_Strict):
     tau_sweep: list[SweepRow] = Field(default_factory=list)
     training: TrainingInfo
     head_selection: HeadSelection | None = None
+    split_points: list[SplitPoint] = Field(default_factory=list)
     extra_files: dict[str, str] = Field(
         default_factory=dict, description="Other files (plots, model card) -> sha256."
     )

@@ -154,3 +154,36 @@ def test_inner_width_is_a_multiple_of_16_within_the_stage(ratio, width, expected
 def test_negative_block_count_is_refused():
     with pytest.raises(ValueError, match="blocks must be >= 0"):
         HeadArch("x", blocks=-1)
+
+
+def test_float16_storage_halves_the_file_and_folds_back_to_float32(tmp_path):
+    """package.weights = "fp16": weights stored as float16 + Cast; ONNX Runtime folds the casts
+    when it builds the session (its optimised graph has none left), outputs move by rounding only."""
+    import onnx
+
+    from export.storage import max_output_difference, store_float16
+
+    torch.manual_seed(0)
+    net = ResNet(ResNetConfig(layers=(1, 1), width=16, stem_stride=2, num_classes=7,
+                              input_size=32)).eval()
+    path = export_onnx(net, tmp_path / "m.onnx", input_shape=(3, 32, 32)).path
+    fp32 = tmp_path / "m32.onnx"
+    fp32.write_bytes(path.read_bytes())
+    assert store_float16(path) > 0
+    assert path.stat().st_size < 0.6 * fp32.stat().st_size
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in onnx.load(str(path)).graph.initializer)
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    assert 0 < max_output_difference(fp32, path, [x]) < 1e-2
+    options = session_options()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    assert not [n for n in optimized.graph.node if n.op_type == "Cast"]
+
+
+def test_package_weights_setting_is_checked():
+    from training.config import load_config
+
+    assert load_config(None, ['package.weights="fp16"']).package.weights == "fp16"
+    with pytest.raises(ValueError, match="package.weights"):
+        load_config(None, ['package.weights="int8"'])

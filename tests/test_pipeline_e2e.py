@@ -54,6 +54,13 @@ def test_heads_chosen_by_measured_time(synthetic_run, synthetic_package):
                                                 for b in (1, 32)))
         assert cluster.head.architecture == chosen.arch
         assert cluster.head.latency_ms == chosen.latency_ms
+    # The trunk was also timed at the other cuts (the card's split-point comparison).
+    assert [p.split_after for p in m.split_points] == ["layer1", "layer2", "layer3"]
+    (shipped,) = [p for p in m.split_points if p.chosen]
+    assert shipped.split_after == synthetic_run.cfg.split_after
+    assert shipped.trunk_flops == m.trunk.flops
+    flops = [p.trunk_flops for p in m.split_points]
+    assert flops == sorted(flops) and flops[-1] < m.original.flops
     assert not (synthetic_package / "candidates").exists()
     assert sorted(p.name for p in synthetic_package.glob("*.onnx")) == sorted(
         c.file for c in m.components().values())
@@ -114,8 +121,9 @@ def test_rerun_skips_finished_stages(synthetic_run, caplog):
 
 def test_pruned_heads_and_joint_combination_end_to_end(synthetic_run, tmp_path):
     """The Tiny-ImageNet recipe on the synthetic data: clustifier and heads pruned from the
-    original's tail, heads distilled with logit matching on their own and other clusters' images
-    (negatives), joint combination. It reuses the
+    original's tail (one member also cut in depth), heads distilled with logit matching on their
+    own and other clusters' images (negatives) in bf16 from an unmirrored feature cache, joint
+    combination, float16 weight storage. It reuses the
     fixture's original, similarity and clusters, and runs the later stages through the sweep."""
     import shutil
 
@@ -135,6 +143,7 @@ def test_pruned_heads_and_joint_combination_end_to_end(synthetic_run, tmp_path):
         "head_optim.logit_match=0.1", "head_negatives=0.5", 'package.combination="joint"',
         'package.weighting="probability"', 'package.ranking="probability"',
         "feature_mirror=false", 'head_optim.precision="bf16"', 'head_cost="flops"',
+        'package.weights="fp16"',
     ]
     run = Run(load_config(ROOT / "configs" / "synthetic.toml", overrides))
     run.run()
@@ -151,6 +160,10 @@ def test_pruned_heads_and_joint_combination_end_to_end(synthetic_run, tmp_path):
         others = np.setdiff1d(np.arange(len(m.class_names)), run_classes)
         np.testing.assert_allclose(p.scores[others], p.class_probs[others])
         assert p.scores.sum() == pytest.approx(1.0)
+    import onnx  # package.weights = "fp16": every component's large weights stored as float16
+    for comp in m.components().values():
+        graph = onnx.load(str(run.package_dir() / comp.file)).graph
+        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
     features, _, labels = run.train_features()
     assert len(features) == len(labels) == len(run.splits.train)  # no mirrored copies
     # FLOPs as the cost: the depth-cut head wins wherever it is within the tolerance.

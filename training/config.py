@@ -64,6 +64,11 @@ class PackageConfig:
     smoothing: float = 1.0  # Laplace smoothing of the clustifier confusion counts
     sweep_taus: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0])
     opset: int = 17  # ONNX opset
+    weights: str = "fp32"  # how ONNX weights are stored: fp32 | fp16 (half the size; still computed in fp32: ONNX Runtime folds the casts at load)
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("fp32", "fp16"):
+            raise ValueError(f"package.weights must be 'fp32' or 'fp16', got {self.weights!r}")
 
 
 def _default_family() -> list[HeadArch]:
