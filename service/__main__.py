@@ -1,8 +1,12 @@
-"""``python -m service``: serve ``service.app:app`` with uvicorn on CPCNN_HOST:CPCNN_PORT."""
+"""``python -m service [--host H] [--port N] [--model-dir DIR] [--log-level L]``: serve
+``service.app:app`` with uvicorn. Each flag sets the matching ``CPCNN_*`` variable for this
+process (the flag wins over the environment); everything else is read from the environment."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import signal
 import sys
 from types import FrameType
@@ -21,7 +25,24 @@ def _exit_zero(sig: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def main() -> int:
+FLAGS = {"host": "CPCNN_HOST", "port": "CPCNN_PORT", "model_dir": "CPCNN_MODEL_DIR",
+         "log_level": "CPCNN_LOG_LEVEL"}
+
+
+def parse_flags(argv: list[str] | None) -> dict[str, str]:
+    """The ``CPCNN_*`` variables the command line sets."""
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    parser.add_argument("--host", help="interface to bind (CPCNN_HOST)")
+    parser.add_argument("--port", type=int, help="port to bind (CPCNN_PORT)")
+    parser.add_argument("--model-dir", help="package to serve (CPCNN_MODEL_DIR)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ... (CPCNN_LOG_LEVEL)")
+    args = parser.parse_args(argv)
+    return {env: str(v) for name, env in FLAGS.items() if (v := getattr(args, name)) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Settings are read from the environment when the app resolves them: the flags go there first.
+    os.environ.update(parse_flags(argv))
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler it found:
     # with this one the process then exits 0 (a requested stop is not a failure) instead of dying
     # by the signal. SIGTERM before uvicorn has started exits 0 at once.

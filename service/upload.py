@@ -37,11 +37,37 @@ async def limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
+MAX_LENGTH_DIGITS = 18  # a byte count with more digits than this is no real body
+
+
+def parse_length(text: str, what: str) -> int:
+    """A byte count from a header: ASCII digits only, at most ``MAX_LENGTH_DIGITS`` of them.
+
+    ``str.isdigit`` accepts digits such as '¹²³' that ``int`` refuses, and ``int`` refuses more
+    than 4,300 digits: either way an ``InvalidRequest`` (400), never an exception that is a 500.
+    """
+    t = text.strip()
+    if not t or len(t) > MAX_LENGTH_DIGITS or not (t.isascii() and t.isdigit()):
+        shown = t if len(t) <= 40 else t[:40] + "…"
+        raise InvalidRequest(f"{what} must be a byte count of at most {MAX_LENGTH_DIGITS} ASCII "
+                             f"digits, got {shown!r}", code="bad_length")
+    return int(t)
+
+
+def check_declared_length(request: Request, limit: int) -> int | None:
+    """The request's ``Content-Length`` (None without one); 400 if malformed, 413 over ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return None
+    length = parse_length(declared, "Content-Length")
+    if length > limit:
+        raise body_too_large(limit)
+    return length
+
+
 async def read_images(request: Request, *, max_body_bytes: int, max_files: int) -> list[ImageInput]:
     """The request's images, or a ``ServiceError`` saying what is wrong with the body."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_body_bytes:
-        raise body_too_large(max_body_bytes)
+    declared_length = check_declared_length(request, max_body_bytes)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == "multipart/form-data":
         return await _read_multipart(request, max_body_bytes, max_files)
@@ -51,7 +77,7 @@ async def read_images(request: Request, *, max_body_bytes: int, max_files: int) 
             raise InvalidRequest(f"the request body is empty: {HOW_TO_SEND}", code="empty_body")
         return [ImageInput(body, filename=None, name="the request body")]
     if not media:
-        if declared in ("", "0"):
+        if not declared_length:
             raise InvalidRequest(f"the request has no body: {HOW_TO_SEND}", code="empty_body")
         raise UnsupportedMediaType(f"the request has no Content-Type: {HOW_TO_SEND}")
     raise UnsupportedMediaType(f"Content-Type {media!r} is not accepted: {HOW_TO_SEND}")

@@ -433,3 +433,26 @@ def test_server_is_still_healthy_after_the_corpus(client):
     assert r.status_code == 200
     metrics = client.get("/metrics").text
     assert 'status="500"' not in metrics
+
+
+@pytest.mark.parametrize("declared", ["0" * 5000 + "5", "\u00b9\u00b2\u00b3", "12x", "-1"])
+def test_malformed_content_length_is_400_not_500(declared):
+    """A Content-Length of 5,000 digits or of non-ASCII digits used to reach int() and answer 500."""
+    app = create_app(Settings(model_dir=SHIPPED_PACKAGE), registry=CollectorRegistry())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.post("/classify", content=b"12345",
+                        headers={"Content-Type": "image/png",
+                                 "Content-Length": declared.encode("latin-1")})
+    assert r.status_code == 400, r.text
+    assert "Content-Length" in r.json()["error"]["message"]
+
+
+def test_python_m_service_flags_set_the_settings(monkeypatch):
+    """`python -m service --port N` used to serve on 8000: each flag sets its CPCNN_* variable."""
+    from service.__main__ import parse_flags
+
+    assert parse_flags(["--port", "8123", "--host", "0.0.0.0", "--model-dir", "models/x"]) == {
+        "CPCNN_PORT": "8123", "CPCNN_HOST": "0.0.0.0", "CPCNN_MODEL_DIR": "models/x"}
+    assert parse_flags([]) == {}
+    with pytest.raises(SystemExit):
+        parse_flags(["--port", "eighty"])

@@ -367,6 +367,10 @@ def test_bad_requests_are_400_in_the_v2_shape(served, manifest, case):
     (b"[" * 100_000, {}, "not valid JSON"),
     (b'{"inputs": []}', {"Inference-Header-Content-Length": "99"}, "Inference-Header-Content-Length"),
     (b'{"inputs": []}', {"Inference-Header-Content-Length": "x"}, "Inference-Header-Content-Length"),
+    (b'{"inputs": []}', {"Inference-Header-Content-Length": "0" * 5000 + "14"},
+     "at most 18 ASCII digits"),  # int() refuses > 4,300 digits: was a 500
+    (b'{"inputs": []}', {"Inference-Header-Content-Length": "\u00b9\u00b2".encode("latin-1")},
+     "at most 18 ASCII digits"),  # '¹²'.isdigit() is True, int('¹²') raises: was a 500
     (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", '
      b'"parameters": {"binary_data_size": 3}}]}', {}, "no Inference-Header-Content-Length"),
     (b"\x00\x00", {"Content-Encoding": "gzip"}, "could not be decompressed"),

@@ -56,7 +56,12 @@ from service.routes.classify import server_timing
 from service.runtime import ImageInput, InferenceService, Mode, check_tau
 from service.schemas import ClassifyResponse, classify_response
 from service.settings import Settings
-from service.upload import body_too_large, limited_stream  # the body limit of /classify, shared
+from service.upload import (  # the body limits of /classify, shared
+    body_too_large,
+    check_declared_length,
+    limited_stream,
+    parse_length,
+)
 from service.v2_schemas import (
     EXTENSIONS,
     IMAGE_INPUT,
@@ -258,9 +263,7 @@ async def no_such_endpoint(request: Request, path: str = "") -> JSONResponse:
 
 # -- reading the request ---------------------------------------------------------------------
 async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise body_too_large(limit)
+    check_declared_length(request, limit)
     return b"".join([chunk async for chunk in limited_stream(request, limit)])
 
 
@@ -302,10 +305,11 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """(JSON header, binary tensor data): the whole body is JSON without the extension's header."""
     if header_length is None:
         return body, b""
-    if not header_length.strip().isdigit() or int(header_length) > len(body):
+    n = parse_length(header_length, HEADER_LENGTH)
+    if n > len(body):
         raise InvalidRequest(f"{HEADER_LENGTH} must be the byte length of the JSON header (at "
-                             f"most the body's {len(body)} bytes), got {header_length!r}")
-    return body[:int(header_length)], body[int(header_length):]
+                             f"most the body's {len(body)} bytes), got {n}")
+    return body[:n], body[n:]
 
 
 def parse_header(header: bytes) -> InferenceRequest:
