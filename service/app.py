@@ -100,6 +100,9 @@ def create_app(settings: Settings | None = None, *,
         summary="Cluster-based partitioned CNN inference: a shared trunk and clustifier on every "
         "image, only the hyper-class heads the activator picks, and the FLOPs it saved.",
         lifespan=lifespan,
+        # No redirect from '/classify/' to '/classify': Starlette builds its Location from the
+        # request's Host header, so any client could make the server point elsewhere.
+        redirect_slashes=False,
     )
     metrics = Metrics(registry)
     app.state.metrics = metrics

@@ -456,3 +456,13 @@ def test_python_m_service_flags_set_the_settings(monkeypatch):
     assert parse_flags([]) == {}
     with pytest.raises(SystemExit):
         parse_flags(["--port", "eighty"])
+
+
+def test_trailing_slash_is_404_never_a_redirect_built_from_host():
+    """POST /classify/ used to answer 307 to http://<Host header>/classify."""
+    app = create_app(Settings(model_dir=SHIPPED_PACKAGE), registry=CollectorRegistry())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.post("/classify/", content=b"x", headers={"Host": "evil.example",
+                                                            "Content-Type": "image/png"},
+                        follow_redirects=False)
+    assert r.status_code == 404 and "location" not in r.headers

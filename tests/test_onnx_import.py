@@ -86,3 +86,20 @@ def test_ignored_labels_learn_from_the_teacher_only():
     kd_mse = loss_fn(student, torch.tensor([IGNORE, IGNORE]), teacher, cfg)
     assert float(mixed) == pytest.approx(0.5 * float(ce_first) + float(kd_mse), rel=1e-5)
     assert float(only_first) != pytest.approx(float(mixed))
+
+
+def test_import_reads_weights_stored_as_float16(exported, tmp_path):
+    """A package written with package.weights = "fp16" (weights behind Casts) imports too, with
+    its width read from the graph, and matches that graph."""
+    import shutil
+
+    from export.storage import store_float16
+    from training.onnx_import import onnx_stem_width
+
+    _, path = exported
+    half = tmp_path / "original-fp16.onnx"
+    shutil.copyfile(path, half)
+    store_float16(half)
+    assert onnx_stem_width(half) == onnx_stem_width(path) == CFG.width
+    imported = import_original(half, CFG, [torch.randn(32, 3, 32, 32) * 2 + 0.5])
+    assert ort_max_difference(imported, half, [torch.randn(4, 3, 32, 32).numpy()]) < 1e-4

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
@@ -49,14 +50,24 @@ def _bn_after(model: ResNet) -> dict[nn.Conv2d, nn.BatchNorm2d]:
     return pairs
 
 
+def _weights(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Every constant of the graph as float32 arrays, by name; weights stored as float16 behind a
+    ``Cast`` (``package.weights = "fp16"``, export.storage) under the name the cast produces."""
+    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Cast" and node.input[0] in init:
+            init[node.output[0]] = init[node.input[0]].astype(np.float32)
+    return init
+
+
 def onnx_stem_width(onnx_path: str | Path) -> int:
     """Output channels of the graph's first conv: the ``width`` of the ResNet it was exported from."""
     graph = onnx.load(str(onnx_path)).graph
-    init = {t.name: t for t in graph.initializer}
+    init = _weights(graph)
     first = next((n for n in graph.node if n.op_type == "Conv"), None)
     if first is None or first.input[1] not in init:
         raise ValueError(f"{onnx_path}: no convolution with a stored weight; is it an original.onnx?")
-    return int(init[first.input[1]].dims[0])
+    return int(init[first.input[1]].shape[0])
 
 
 def import_original(onnx_path: str | Path, cfg: ResNetConfig, images: Iterable[torch.Tensor]) -> ResNet:
@@ -66,7 +77,7 @@ def import_original(onnx_path: str | Path, cfg: ResNetConfig, images: Iterable[t
     Raises ValueError when the graph does not match ``cfg`` (conv count or weight shapes differ).
     """
     graph = onnx.load(str(onnx_path)).graph
-    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    init = _weights(graph)
     conv_nodes = [n for n in graph.node if n.op_type == "Conv"]
     gemm = [n for n in graph.node if n.op_type == "Gemm"]
     model = ResNet(cfg).eval()
