@@ -67,6 +67,9 @@ def _settings(cfg: dict) -> list[str]:
         f"- Original model: ResNet, blocks per stage {model['layers']}, width {model['width']} "
         f"(stage channels ×1, ×2, ×4, ×8), stem stride {model['stem_stride']}, input "
         f"{data['image_size']}×{data['image_size']} RGB.",
+        (f"- Original start: `{cfg['original_init']}`, widened to width {model['width']} without "
+         "changing its function (Net2WiderNet, training/models/widen.py), then trained as below."
+         if cfg.get("original_init") else ""),
         f"- Original training: {o['epochs']} epochs ({schedule}), SGD Nesterov momentum 0.9, "
         f"one-cycle lr {o['lr']}, batch {o['batch_size']}, weight decay {o['weight_decay']}, label "
         f"smoothing {o['label_smoothing']}, random crop (reflect pad) + horizontal flip; seed "

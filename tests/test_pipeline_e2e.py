@@ -194,3 +194,18 @@ def test_diagnose_compares_the_heads_with_the_original_as_heads(synthetic_run):
     top = report["clustifier_top_k"]
     assert report["clustifier_accuracy"] <= top[2] <= top[3] <= top[4] <= 1.0
     assert "| 0 | 1.00 |" in markdown(report)
+
+
+def test_a_package_of_another_run_in_out_dir_is_not_this_runs_export(synthetic_run, tmp_path):
+    """out_dir held release N while run N+1 trained: its export must not count as done."""
+    from service.manifest import copy_package
+    from training.config import config_from_dict, config_to_dict
+    from training.pipeline import Run
+
+    cfg = config_from_dict({**json.loads((synthetic_run.dir / "config.json").read_text()),
+                            "run_dir": str(synthetic_run.dir),
+                            "package": {"out_dir": str(tmp_path / "pkg")}})
+    copy_package(synthetic_run.package_dir(), tmp_path / "pkg")
+    assert Run(cfg).done("export")
+    other = config_from_dict({**config_to_dict(cfg), "run_dir": str(tmp_path / "other-run")})
+    assert not Run(other).done("export")

@@ -174,8 +174,10 @@ class Run:
             "heads": "heads.json", "confusion": "confusion.json",
             "sweep": "sweep.json",
         }.get(stage)
-        if stage == "export":
-            return (self.package_dir() / "manifest.json").exists()
+        if stage == "export":  # a package of this run, not whatever another run left in out_dir
+            manifest = self.package_dir() / "manifest.json"
+            return manifest.exists() and json.loads(manifest.read_text()).get(
+                "training", {}).get("config", {}).get("run_dir") == self.cfg.run_dir
         return (self.dir / marker).exists()
 
     def run(self, stages: tuple[str, ...] = STAGES, force: bool = False) -> None:
