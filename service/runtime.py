@@ -297,6 +297,11 @@ class InferenceService:
                              name=img.name) for img in images]  # headers only: limits first
         header_seconds = (time.perf_counter() - t0) / len(images)
         pixels = sum(img.width * img.height for img in opened)
+        if pixels > s.max_request_pixels:
+            raise LimitExceeded(
+                f"the request's {len(opened)} images declare {pixels} pixels in all, more than "
+                f"{s.max_request_pixels} (CPCNN_MAX_REQUEST_PIXELS): send fewer or smaller images",
+                code="request_too_large")
         return await self._classify(
             partial(_decode_all, opened, [img.name for img in images], s.max_image_pixels,
                     header_seconds),

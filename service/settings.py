@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=40_000_000, ge=1, description="Largest decoded image (width x height): bomb guard."
     )
+    max_request_pixels: int = Field(
+        default=40_000_000, ge=1, description="Most pixels one request's images may declare in "
+        "all (width x height summed, from their headers): what one request may make the server "
+        "decode.")
     max_image_side: int = Field(
         default=16384, ge=1, description="Longest image side (width or height) in pixels.")
     shutdown_delay_s: float = Field(

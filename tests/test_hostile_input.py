@@ -466,3 +466,23 @@ def test_trailing_slash_is_404_never_a_redirect_built_from_host():
                                                             "Content-Type": "image/png"},
                         follow_redirects=False)
     assert r.status_code == 404 and "location" not in r.headers
+
+
+def test_pixels_declared_by_a_whole_request_are_bounded():
+    """Each image under the per-image limit, but together over CPCNN_MAX_REQUEST_PIXELS: 413
+    before anything is decoded (16 small files declaring 6324×6324 each took 2.5 GB)."""
+    def png(w: int, h: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (120, 30, 200)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    app = create_app(Settings(model_dir=SHIPPED_PACKAGE, max_request_pixels=100_000),
+                     registry=CollectorRegistry())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        one = client.post("/classify", files=[("file", ("a.png", png(300, 200), "image/png"))])
+        two = client.post("/classify", files=[("file", (f"{i}.png", png(300, 200), "image/png"))
+                                              for i in range(2)])
+    assert one.status_code == 200, one.text
+    assert two.status_code == 413, two.text
+    error = two.json()["error"]
+    assert error["code"] == "request_too_large" and "CPCNN_MAX_REQUEST_PIXELS" in error["message"]
