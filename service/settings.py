@@ -117,7 +117,7 @@ class Settings(BaseSettings):
         default=40_000_000, ge=1, description="Largest decoded image (width x height): bomb guard."
     )
     max_request_pixels: int = Field(
-        default=40_000_000, ge=1, description="Most pixels one request's images may declare in "
+        default=100_000_000, ge=1, description="Most pixels one request's images may declare in "
         "all (width x height summed, from their headers): what one request may make the server "
         "decode.")
     max_image_side: int = Field(
