@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from export.onnx_export import ExportCheckError, ExportReport, export_onnx
 from export.selection import choose_heads
-from export.storage import max_output_difference, store_float16
+from export.storage import compare_outputs, store_float16
 from export.timing import relative_time, time_graphs
 from service.manifest import (
     Accuracy,
@@ -189,20 +188,13 @@ def _to_float16(path: Path, real: np.ndarray) -> None:
     fp32 = path.with_suffix(".fp32.onnx")
     shutil.copyfile(path, fp32)
     store_float16(path)
-    inputs = [np.ascontiguousarray(real, dtype=np.float32)]
-    scale = max(float(np.abs(y).max()) for y in _outputs(fp32, inputs[0]))
-    diff = max_output_difference(fp32, path, inputs)
+    diff, scale = compare_outputs(fp32, path, [np.ascontiguousarray(real, dtype=np.float32)])
     fp32.unlink()
     if diff > FP16_RTOL * max(scale, 1.0):
         raise ExportCheckError(f"{path.name}: float16 weights move its outputs by {diff:.2e} "
                                f"(largest output {scale:.2f}); store this package in fp32")
     logger.info("%s: weights stored as float16, max |Δ| vs float32 %.2e (largest output %.2f)",
                 path.name, diff, scale)
-
-
-def _outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})
 
 
 def _key(cluster: int, arch: str) -> str:

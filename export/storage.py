@@ -47,13 +47,15 @@ def store_float16(path: str | Path) -> int:
     return converted
 
 
-def max_output_difference(a: str | Path, b: str | Path, inputs: list[np.ndarray]) -> float:
-    """Largest |output of a − output of b| over ``inputs`` (every output), on ONNX Runtime."""
+def compare_outputs(a: str | Path, b: str | Path, inputs: list[np.ndarray]) -> tuple[float, float]:
+    """(largest |output of a − output of b|, largest |output of a|) over ``inputs`` and every
+    output, on ONNX Runtime: the difference and the scale it is judged against."""
     sa, sb = (ort.InferenceSession(str(p), sess_options=session_options(),
                                    providers=["CPUExecutionProvider"]) for p in (a, b))
     name = sa.get_inputs()[0].name
-    worst = 0.0
+    worst = scale = 0.0
     for x in inputs:
         for ya, yb in zip(sa.run(None, {name: x}), sb.run(None, {name: x}), strict=True):
             worst = max(worst, float(np.max(np.abs(ya - yb))))
-    return worst
+            scale = max(scale, float(np.max(np.abs(ya))))
+    return worst, scale

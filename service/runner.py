@@ -72,7 +72,7 @@ class Prediction:
     flops: Flops
     activation: Activation | None = None
     cluster_probs: np.ndarray | None = None  # (K,)
-    class_probs: np.ndarray | None = None  # (C,) the clustifier's own, when it has class logits
+    class_probs: np.ndarray | None = None  # (C,) the clustifier's own, when the top-5 fill is on
 
 
 @dataclass(frozen=True)
@@ -335,7 +335,8 @@ class PackageRunner:
         taus = np.broadcast_to(np.asarray(tau, dtype=np.float64), (len(cluster_logits),))
         t2 = time.perf_counter()
         cluster_probs = softmax(cluster_logits, axis=1)  # (N, K)
-        class_probs = None if shared.class_logits is None else softmax(shared.class_logits, axis=1)
+        # Only the top-5 fill reads the clustifier's class probabilities: no softmax otherwise.
+        class_probs = softmax(shared.class_logits, axis=1) if self.fill == "clustifier" else None
         activations = [self.activator.select(p, float(t)) for p, t in zip(cluster_probs, taus, strict=True)]
         t3 = time.perf_counter()
         head_logits = self._run_heads(shared.features, activations)

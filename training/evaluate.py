@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from service.activator import fill_unrun
+from service.activator import fill_unrun, softmax
 from service.manifest import (
     Accuracy,
     Manifest,
@@ -136,10 +136,12 @@ def choose_fill(runner: PackageRunner, images: np.ndarray, labels: np.ndarray,
     shared = shared_outputs(plain, images, batch_size)
     clusters = runner.manifest.cluster_members
     acc = {"none": np.zeros(2), "clustifier": np.zeros(2)}
+    class_probs = softmax(np.concatenate([batch.class_logits for batch in shared]), axis=1)
     for tau in tqdm(taus, desc="top-5 fill on calib", leave=False):
         preds = [p for batch in shared for p in plain.route(batch, tau).predictions]
         base = np.stack([p.scores for p in preds])
-        filled = np.stack([fill_unrun(p.scores, p.activation, clusters, p.class_probs) for p in preds])
+        filled = np.stack([fill_unrun(p.scores, p.activation, clusters, q)
+                           for p, q in zip(preds, class_probs, strict=True)])
         for name, scores in (("none", base), ("clustifier", filled)):
             acc[name] += [topk_accuracy(scores, labels, 1), topk_accuracy(scores, labels, 5)]
     (n1, n5), (f1, f5) = acc["none"] / len(taus), acc["clustifier"] / len(taus)
