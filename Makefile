@@ -34,7 +34,7 @@ models/synthetic/manifest.json: | $(VENV)/.dev
 	$(BIN)/python -m training run --config configs/synthetic.toml --set package.out_dir=models/synthetic
 
 serve: $(VENV)/.serve $(MODEL_DIR)/manifest.json  ## serve the default model on $(HOST):$(PORT)
-	CPCNN_MODEL_DIR=$(MODEL_DIR) $(BIN)/uvicorn service.app:app --host $(HOST) --port $(PORT)
+	$(BIN)/python -m service --model-dir $(MODEL_DIR) --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.dev  ## run the test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -1,5 +1,6 @@
 """``python -m service [--host H] [--port N] [--model-dir DIR] [--log-level L]``: serve
-``service.app:app`` with uvicorn. Each flag sets the matching ``CPCNN_*`` variable for this
+``service.app:app`` with uvicorn, with the header deadline (``service.http_timeouts``) and the
+keep-alive timeout of the settings. Each flag sets the matching ``CPCNN_*`` variable for this
 process (the flag wins over the environment); everything else is read from the environment."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import uvicorn
 from service.app import app as application
 from service.app import resolve_settings
 from service.errors import StartupError
+from service.http_timeouts import timed_protocol
 from service.logconfig import configure_logging
 
 logger = logging.getLogger("service")
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level)
     uvicorn.run("service.app:app", host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower())
+                log_level=settings.log_level.lower(), http=timed_protocol(settings.header_timeout_s),
+                timeout_keep_alive=settings.keep_alive_s)
     return 0
 
 

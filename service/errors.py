@@ -65,6 +65,18 @@ class LimitExceeded(ServiceError):
     code = "limit_exceeded"
 
 
+class RequestTimeout(ServiceError):
+    """The body did not arrive in time (``CPCNN_BODY_TIMEOUT_S``)."""
+
+    code = "body_timeout"
+
+
+class ClientClosed(ServiceError):
+    """The client went away before its request was read: nobody to answer; counted as 499."""
+
+    code = "client_closed"
+
+
 class Unauthorized(ServiceError):
     code = "unauthorized"
 
@@ -110,10 +122,12 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     Forbidden: 403,
     AdminDisabled: 404,
     NotFound: 404,
+    RequestTimeout: 408,
     Conflict: 409,
     LimitExceeded: 413,
     UnsupportedMediaType: 415,
     InvalidParameter: 422,
+    ClientClosed: 499,  # nginx's "client closed request": no answer reaches anyone
     ModelNotReady: 503,
 }
 

@@ -25,8 +25,6 @@ Lifecycle: ``start`` → serving and ready; ``stop`` → still serving but no lo
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import io
 import logging
 import threading
@@ -44,7 +42,13 @@ import numpy as np
 from PIL import Image
 
 from service.batcher import BatchSlice, MicroBatcher
-from service.decode import load_image, open_image, prepare
+from service.decode import (
+    DecodeLimits,
+    decode_request,
+    open_request,
+    prepare,
+    release_freed_memory,
+)
 from service.errors import (
     Conflict,
     InvalidImage,
@@ -176,7 +180,7 @@ class InferenceService:
             )
             t0 = time.perf_counter()
             runner.warmup()
-            _warm_up_decoders(runner.manifest.input.size, s.max_image_pixels)
+            _warm_up_decoders(runner.manifest.input.size, self._decode_limits)
         except PackageError:
             raise
         except Exception as e:  # an ONNX file ORT cannot load, a provider that fails to start, ...
@@ -291,22 +295,25 @@ class InferenceService:
         """Classify encoded ``images`` at ``tau`` (None: the current τ) in ``mode``."""
         if not images:
             raise InvalidParameter("no images to classify")
+        datas, names = [img.data for img in images], [img.name for img in images]
+        limits = self._decode_limits
+        if sum(len(data) for data in datas) > INLINE_OPEN_MAX_BYTES:
+            prepare = partial(decode_request, datas, names, limits)  # headers too: off the loop
+            inline = False
+        else:  # a small body's headers are cheap to parse here; its pixels decide where it decodes
+            t0 = time.perf_counter()
+            opened = open_request(datas, names, limits)
+            prepare = partial(decode_request, datas, names, limits, opened=opened,
+                              header_seconds=(time.perf_counter() - t0) / len(opened))
+            inline = sum(img.width * img.height for img in opened) <= INLINE_PREPARE_MAX_PIXELS
+        return await self._classify(prepare, [img.filename for img in images], tau, mode,
+                                    inline=inline)
+
+    @property
+    def _decode_limits(self) -> DecodeLimits:
         s = self.settings
-        t0 = time.perf_counter()
-        opened = [open_image(img.data, max_pixels=s.max_image_pixels, max_side=s.max_image_side,
-                             name=img.name) for img in images]  # headers only: limits first
-        header_seconds = (time.perf_counter() - t0) / len(images)
-        pixels = sum(img.width * img.height for img in opened)
-        if pixels > s.max_request_pixels:
-            raise LimitExceeded(
-                f"the request's {len(opened)} images declare {pixels} pixels in all, more than "
-                f"{s.max_request_pixels} (CPCNN_MAX_REQUEST_PIXELS): send fewer or smaller images",
-                code="request_too_large")
-        return await self._classify(
-            partial(_decode_all, opened, [img.name for img in images], s.max_image_pixels,
-                    header_seconds),
-            [img.filename for img in images], tau, mode,
-            inline=pixels <= INLINE_PREPARE_MAX_PIXELS)
+        return DecodeLimits(max_pixels=s.max_image_pixels, max_side=s.max_image_side,
+                            max_request_pixels=s.max_request_pixels, budget_s=s.decode_budget_s)
 
     async def classify_pixels(self, pixels: np.ndarray, *, tau: float | None = None,
                               mode: Mode = "conditional") -> ClassifyOutcome:
@@ -417,12 +424,6 @@ class InferenceService:
         return runner.run(batch, taus)
 
 
-def release_freed_memory() -> None:
-    """Return memory freed to the C allocator to the OS (glibc's ``malloc_trim``; a no-op elsewhere)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
-
-
 def check_tau(tau: float) -> float:
     tau = float(tau)
     if not 0.0 <= tau <= 1.0:  # also False for NaN
@@ -430,6 +431,9 @@ def check_tau(tau: float) -> float:
     return tau
 
 
+# A request body of at most this many bytes has its image headers parsed on the event loop
+# (bounded work: parsing cost grows with the bytes); larger ones are opened in a worker thread.
+INLINE_OPEN_MAX_BYTES = 64 * 1024
 # Requests whose images add up to at most this many pixels (by their headers) are decoded and
 # prepared on the event loop: that takes ~0.1-0.6 ms (64-128 px PNG/JPEG on the 2-core machine),
 # less than handing them to a worker thread and back. Larger ones go to a worker thread (Pillow
@@ -441,26 +445,12 @@ INLINE_PREPARE_MAX_PIXELS = 128 * 128
 INLINE_RUN_MAX_IMAGES = 4
 
 
-def _warm_up_decoders(size: int, max_pixels: int) -> None:
+def _warm_up_decoders(size: int, limits: DecodeLimits) -> None:
     """Decode a tiny PNG and JPEG once, so the first request pays no Pillow plugin start-up."""
     for fmt in ("PNG", "JPEG"):
         buf = io.BytesIO()
         Image.new("RGB", (size + 3, size + 1), (127, 127, 127)).save(buf, format=fmt)
-        img = open_image(buf.getvalue(), max_pixels=max_pixels, name="warm-up image")
-        _decode_all([img], ["warm-up image"], max_pixels, 0.0, size)
-
-
-def _decode_all(opened: Sequence[Image.Image], names: Sequence[str], max_pixels: int,
-                header_seconds: float, size: int) -> tuple[np.ndarray, list[tuple[float, float]]]:
-    """Decode and prepare opened images: (N, size, size, 3) uint8 and (decode, preprocess) seconds."""
-    arrays, timings = [], []
-    for img, name in zip(opened, names, strict=True):
-        t0 = time.perf_counter()
-        pil = load_image(img, max_pixels=max_pixels, name=name)
-        t1 = time.perf_counter()
-        arrays.append(prepare(pil, size))
-        timings.append((header_seconds + t1 - t0, time.perf_counter() - t1))
-    return np.stack(arrays), timings
+        decode_request([buf.getvalue()], ["warm-up image"], limits, size)
 
 
 def _prepare_pixels(pixels: np.ndarray, size: int) -> tuple[np.ndarray, list[tuple[float, float]]]:

@@ -122,6 +122,20 @@ class Settings(BaseSettings):
         "decode.")
     max_image_side: int = Field(
         default=16384, ge=1, description="Longest image side (width or height) in pixels.")
+    decode_budget_s: float = Field(
+        default=5.0, gt=0.0, le=600.0, allow_inf_nan=False,
+        description="Most seconds decoding one request's images may take; beyond it the request "
+        "is refused (413 decode_budget_exceeded).")
+    body_timeout_s: float = Field(
+        default=30.0, gt=0.0, le=3600.0, allow_inf_nan=False,
+        description="Longest the server waits for a request's body to arrive in full (408 after).")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=3600.0, allow_inf_nan=False,
+        description="Longest a connection may take to send a request's headers, a new one "
+        "included: then it is closed. Only with `python -m service` / `make serve`.")
+    keep_alive_s: float = Field(
+        default=5.0, gt=0.0, le=3600.0, allow_inf_nan=False,
+        description="Longest an idle keep-alive connection stays open between requests.")
     shutdown_delay_s: float = Field(
         default=0.0, ge=0.0, le=300.0, allow_inf_nan=False,
         description="On SIGTERM: seconds between readiness turning 503 and the server closing its "

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import anyio
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from service.errors import InvalidRequest, LimitExceeded, UnsupportedMediaType
+from service.errors import (
+    ClientClosed,
+    InvalidRequest,
+    LimitExceeded,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from service.runtime import ImageInput
 
 FILE_FIELD = "file"
@@ -28,9 +35,24 @@ def body_too_large(limit: int) -> LimitExceeded:
         "fewer or smaller images per request", code="body_too_large")
 
 
-async def limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
+async def limited_stream(request: Request, limit: int, timeout_s: float) -> AsyncIterator[bytes]:
+    """The body's chunks, refused past ``limit`` bytes (413) or ``timeout_s`` seconds (408);
+    a client that disconnects mid-body is ``ClientClosed``, not a server error."""
     size = 0
-    async for chunk in request.stream():
+    chunks = request.stream()
+    deadline = anyio.current_time() + timeout_s
+    while True:
+        try:
+            with anyio.fail_after(max(deadline - anyio.current_time(), 0.0)):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {timeout_s:g} s (CPCNN_BODY_TIMEOUT_S): "
+                "send it at once, or smaller") from None
+        except ClientDisconnect:
+            raise ClientClosed("the client disconnected before its request body was read") from None
         size += len(chunk)
         if size > limit:
             raise body_too_large(limit)
@@ -65,14 +87,15 @@ def check_declared_length(request: Request, limit: int) -> int | None:
     return length
 
 
-async def read_images(request: Request, *, max_body_bytes: int, max_files: int) -> list[ImageInput]:
+async def read_images(request: Request, *, max_body_bytes: int, max_files: int,
+                      body_timeout_s: float) -> list[ImageInput]:
     """The request's images, or a ``ServiceError`` saying what is wrong with the body."""
     declared_length = check_declared_length(request, max_body_bytes)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == "multipart/form-data":
-        return await _read_multipart(request, max_body_bytes, max_files)
+        return await _read_multipart(request, max_body_bytes, max_files, body_timeout_s)
     if media.startswith("image/") or media == "application/octet-stream":
-        body = b"".join([chunk async for chunk in limited_stream(request, max_body_bytes)])
+        body = b"".join([chunk async for chunk in limited_stream(request, max_body_bytes, body_timeout_s)])
         if not body:
             raise InvalidRequest(f"the request body is empty: {HOW_TO_SEND}", code="empty_body")
         return [ImageInput(body, filename=None, name="the request body")]
@@ -83,8 +106,9 @@ async def read_images(request: Request, *, max_body_bytes: int, max_files: int) 
     raise UnsupportedMediaType(f"Content-Type {media!r} is not accepted: {HOW_TO_SEND}")
 
 
-async def _read_multipart(request: Request, limit: int, max_files: int) -> list[ImageInput]:
-    parser = MultiPartParser(request.headers, limited_stream(request, limit),
+async def _read_multipart(request: Request, limit: int, max_files: int,
+                          timeout_s: float) -> list[ImageInput]:
+    parser = MultiPartParser(request.headers, limited_stream(request, limit, timeout_s),
                              max_files=max_files, max_fields=16)
     try:
         form = await parser.parse()

@@ -86,3 +86,19 @@ def fresh(synthetic_package):
     with TestClient(app) as client:
         yield client, registry
 
+
+@pytest.fixture
+def thread_hops(monkeypatch) -> list[str]:
+    """The names of the functions the code under test hands to worker threads
+    (``anyio.to_thread.run_sync``), in order; ``monkeypatch.undo()`` stops the counting."""
+    import anyio.to_thread
+
+    hops: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(fn, *args, **kwargs):
+        hops.append(getattr(getattr(fn, "func", fn), "__name__", ""))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    return hops

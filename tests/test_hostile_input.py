@@ -182,6 +182,37 @@ def ppm_16bit() -> bytes:
     return b"P6\n30 20\n65535\n" + pixels.astype(">u2").tobytes()
 
 
+def png_with_many_chunks(count: int) -> bytes:
+    """A valid small PNG with ``count`` empty tEXt chunks before its pixels (the attack: 400k)."""
+    base = png()
+    ihdr_end = 8 + 4 + 4 + 13 + 4
+    return base[:ihdr_end] + png_chunk(b"tEXt", b"k\0") * count + base[ihdr_end:]
+
+
+def jpeg_with_repeated_scans(scans: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated: each scan is a pass over every coefficient
+    (the attack: 2,000 scans of a 6000x6000 image, 12 s of CPU in 259 KB)."""
+    data = encode(gradient((64, 64)), "JPEG", progressive=True)
+    last, end = data.rindex(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    return data[:end] + data[last:end] * scans + data[end:]
+
+
+def jpeg_with_app_segments(count: int, size: int = 60_000) -> bytes:
+    """A JPEG with ``count`` APP15 segments of ``size`` bytes (each at most 64 KB by the format)."""
+    data = jpeg()
+    segment = b"\xff\xef" + struct.pack(">H", size + 2) + b"\x00" * size
+    return data[:2] + segment * count + data[2:]
+
+
+def gif_with_comment_blocks(blocks: int) -> bytes:
+    """A GIF whose comment is ``blocks`` one-byte sub-blocks (the attack: a 1.5 MB comment)."""
+    data = encode(gradient((16, 16)), "GIF")
+    flags = data[10]
+    table = 3 << ((flags & 7) + 1) if flags & 0x80 else 0
+    at = 13 + table
+    return data[:at] + b"\x21\xfe" + b"\x01x" * blocks + b"\x00" + data[at:]
+
+
 def text_field_named_file() -> Req:
     return Req(files=[("file", (None, b"just text"))])
 
@@ -337,6 +368,17 @@ CORPUS: list[Case] = [
     Case("tiff", lambda: raw(encode(gradient(), "TIFF"), "image/tiff"), 200),
     Case("png-big-uncompressed-itxt", lambda: raw(png_with_chunk(
         b"iTXt", b"Comment\0\0\0\0\0" + b"A" * 200_000)), 200),
+    # -- metadata and structure no ordinary image has (each one cheap to refuse) ------------
+    Case("png-5000-text-chunks", lambda: raw(png_with_many_chunks(5000)), 413,
+         "image_too_complex", ("metadata",)),
+    Case("png-50-text-chunks", lambda: raw(png_with_many_chunks(50)), 200),
+    Case("jpeg-150-scans", lambda: raw(jpeg_with_repeated_scans(150), "image/jpeg"), 413,
+         "image_too_complex", ("scans",)),
+    Case("jpeg-progressive", lambda: raw(encode(gradient((64, 64)), "JPEG", progressive=True),
+                                         "image/jpeg"), 200),
+    Case("jpeg-4-big-app-segments", lambda: raw(jpeg_with_app_segments(4), "image/jpeg"), 200),
+    Case("gif-comment-of-3000-blocks", lambda: raw(gif_with_comment_blocks(3000), "image/gif"),
+         413, "image_too_complex"),
     Case("filenames-with-path-and-unicode", lambda: multipart(
         png(), png(), names=["../../etc/passwd", "ünï cødé.png"]), 200, images=2,
          check=_filename_echoed),

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import adjusted_rand_score
 
 from service.manifest import load_manifest
@@ -209,3 +210,27 @@ def test_a_package_of_another_run_in_out_dir_is_not_this_runs_export(synthetic_r
     assert Run(cfg).done("export")
     other = config_from_dict({**config_to_dict(cfg), "run_dir": str(tmp_path / "other-run")})
     assert not Run(other).done("export")
+
+
+def test_original_can_start_from_a_runs_original_pt(synthetic_run, tmp_path):
+    """original_init = a run's original.pt: widened (or taken as is) without changing its function."""
+    from training.config import config_from_dict
+    from training.pipeline import Run
+
+    base = json.loads((synthetic_run.dir / "config.json").read_text())
+    source = torch.load(synthetic_run.dir / "original.pt", weights_only=False)["val_accuracy"]
+    for width in (base["model"]["width"], 2 * base["model"]["width"]):
+        cfg = config_from_dict({**base, "run_dir": str(tmp_path / f"w{width}"),
+                                "original_init": str(synthetic_run.dir / "original.pt"),
+                                "model": {**base["model"], "width": width},
+                                "original": {**base["original"], "epochs": 0}})
+        run = Run(cfg)
+        run.run(stages=("original",))
+        started = torch.load(run.dir / "original.pt", weights_only=False)
+        assert started["model_cfg"]["width"] == width
+        assert started["val_accuracy"] == pytest.approx(source, abs=1e-6)
+    other = config_from_dict({**base, "run_dir": str(tmp_path / "deeper"),
+                              "original_init": str(synthetic_run.dir / "original.pt"),
+                              "model": {**base["model"], "layers": [2, 2, 2, 2]}})
+    with pytest.raises(ValueError, match="layout"):
+        Run(other).run(stages=("original",))

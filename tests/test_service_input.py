@@ -119,26 +119,17 @@ def test_prepare_bounds_the_work_of_a_long_strip(monkeypatch):
 
 # -- where decoding runs ---------------------------------------------------------------------
 @pytest.mark.parametrize("side, in_thread", [(64, False), (128, False), (129, True), (400, True)])
-def test_small_images_decode_on_the_loop_large_ones_in_a_worker_thread(client, monkeypatch, side,
-                                                                       in_thread):
+def test_small_images_decode_on_the_loop_large_ones_in_a_worker_thread(client, monkeypatch,
+                                                                       thread_hops, side, in_thread):
     """Up to INLINE_PREPARE_MAX_PIXELS (128²) a thread hop costs more than decoding; above it the
     event loop must not stall, so decoding goes to a worker thread. Same answer either way."""
-    import anyio.to_thread
-
     from service import runtime
 
     assert runtime.INLINE_PREPARE_MAX_PIXELS == 128 * 128
-    hops: list[str] = []
-    real = anyio.to_thread.run_sync
-
-    async def counting(fn, *args, **kwargs):
-        hops.append(getattr(getattr(fn, "func", fn), "__name__", ""))
-        return await real(fn, *args, **kwargs)
-
-    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    hops = thread_hops
     data = encode(gradient((side, side)))
     result = classify(client, data)
-    assert ("_decode_all" in hops) is in_thread, hops
+    assert ("decode_request" in hops) is in_thread, hops
     monkeypatch.undo()
     again = classify(client, data)
     assert again["predictions"] == result["predictions"] and again["heads"] == result["heads"]

@@ -1,4 +1,5 @@
-"""A real uvicorn process: start-up, a multipart POST over TCP, /metrics through promtool."""
+"""A real server process as `make serve` starts it (`python -m service`): start-up, a multipart
+POST over TCP, /metrics through promtool."""
 
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def start_server(model_dir: Path, port: int, **env: str) -> subprocess.Popen:
     full_env = child_env(CPCNN_MODEL_DIR=str(model_dir), **env)
     return subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1",
-         "--port", str(port)],
+        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

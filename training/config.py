@@ -92,7 +92,7 @@ class RunConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     model: ResNetConfig = field(default_factory=ResNetConfig)  # num_classes/input_size set from data
     original: OptimConfig = field(default_factory=OptimConfig)
-    original_init: str = ""  # an exported original.onnx (same layout, narrower) to start from: imported and widened to [model].width without changing its function (training.models.widen); "" = from scratch
+    original_init: str = ""  # a trained original to start from: a package's original.onnx or a run's original.pt, same layout at the same or a narrower width (widened to [model].width without changing its function: training.models.widen); "" = from scratch
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     split_after: str = "layer2"  # last stage of the shared trunk
     clustifier: HeadArch = field(

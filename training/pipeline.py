@@ -203,16 +203,35 @@ class Run:
         checkpoint = self.dir / "original.ckpt.pt"
         model = ResNet(self.model_cfg)
         if cfg.original_init and not checkpoint.exists():
-            narrow_cfg = replace(self.model_cfg, width=onnx_stem_width(cfg.original_init))
-            narrow = self._imported(cfg.original_init, narrow_cfg)
-            model = widen_resnet(narrow, self.model_cfg.width, seed=cfg.seed)
-            logger.info("original starts from %s (width %d) widened to width %d", cfg.original_init,
-                        narrow_cfg.width, self.model_cfg.width)
+            start = self._original_start(Path(cfg.original_init))
+            model = start if start.cfg.width == self.model_cfg.width else widen_resnet(
+                start, self.model_cfg.width, seed=cfg.seed)
+            logger.info("original starts from %s (width %d) at width %d", cfg.original_init,
+                        start.cfg.width, self.model_cfg.width)
         images, labels = self.part("train")
         fit(model, lambda x, idx: (model(x), None), torch.from_numpy(images), labels, cfg.original,
             transform=image_transform(cfg.original, cfg.mean, cfg.std, cfg.data.image_size),
             checkpoint=checkpoint, seed=cfg.seed, desc="original")
         self._save_original(model)
+
+    def _original_start(self, path: Path) -> ResNet:
+        """The model ``original_init`` names: a package's ``original.onnx`` or a run's ``original.pt``.
+
+        Either must have this config's layout at the same or a narrower width.
+        """
+        if path.suffix == ".pt":
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            start = ResNet(ResNetConfig.from_dict(state["model_cfg"]))
+            start.load_state_dict(state["state_dict"])
+        elif path.suffix == ".onnx":
+            start = self._imported(path, replace(self.model_cfg, width=onnx_stem_width(path)))
+        else:
+            raise ValueError(f"original_init = {str(path)!r}: give an exported original.onnx or a "
+                             "run's original.pt")
+        if replace(start.cfg, width=self.model_cfg.width) != self.model_cfg:
+            raise ValueError(f"original_init {path} has layout {start.cfg.to_dict()}, which is not "
+                             f"[model] {self.model_cfg.to_dict()} at the same or a narrower width")
+        return start
 
     def _save_original(self, model: ResNet, **extra: str) -> None:
         """Stage 1's artifact: the model with its validation accuracy (trained or imported)."""

@@ -228,7 +228,7 @@ async def infer(request: Request, service: ReadyServiceDep, settings: SettingsDe
                 version: str | None = None) -> Response:
     t0 = time.perf_counter()
     served_manifest(service, name, version)
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     parse = partial(parse_infer_request, body, request.headers.get(HEADER_LENGTH),
                     request.headers.get("content-encoding", ""), settings)
     # A small plain body parses faster than a hop to a worker thread and back; a large or
@@ -262,9 +262,9 @@ async def no_such_endpoint(request: Request, path: str = "") -> JSONResponse:
 
 
 # -- reading the request ---------------------------------------------------------------------
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     check_declared_length(request, limit)
-    return b"".join([chunk async for chunk in limited_stream(request, limit)])
+    return b"".join([chunk async for chunk in limited_stream(request, limit, timeout_s)])
 
 
 def decompress(body: bytes, encoding: str, limit: int) -> bytes:
