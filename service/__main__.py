@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     uvicorn.run("service.app:app", host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), http=timed_protocol(settings.header_timeout_s),
-                timeout_keep_alive=settings.keep_alive_s)
+                timeout_keep_alive=settings.keep_alive_s,
+                timeout_graceful_shutdown=settings.shutdown_grace_s)
     return 0
 
 

@@ -23,7 +23,12 @@ from service.errors import StartupError, install_error_handlers
 from service.fastpath import ClassifyFastPath
 from service.logconfig import configure_logging
 from service.metrics import Metrics
-from service.middleware import AllowHeaderMiddleware, MetricsMiddleware, StartupFailureMiddleware
+from service.middleware import (
+    AllowHeaderMiddleware,
+    HeadAsGet,
+    MetricsMiddleware,
+    StartupFailureMiddleware,
+)
 from service.routes import admin, classify, health, model, v2
 from service.routes import metrics as metrics_route
 from service.runtime import InferenceService
@@ -114,6 +119,7 @@ def create_app(settings: Settings | None = None, *,
     install_error_handlers(app)
     # Innermost first: the fast path sits inside the metrics and error middlewares, so what it
     # serves is counted and guarded like any other request.
+    app.add_middleware(HeadAsGet)
     app.add_middleware(ClassifyFastPath)
     app.add_middleware(AllowHeaderMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -23,7 +23,8 @@ import ctypes
 import io
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,13 +187,16 @@ def open_request(datas: Sequence[bytes], names: Sequence[str], limits: DecodeLim
 
 
 def decode_request(datas: Sequence[bytes], names: Sequence[str], limits: DecodeLimits, size: int,
-                   opened: list[Image.Image] | None = None,
-                   header_seconds: float = 0.0) -> tuple[np.ndarray, list[tuple[float, float]]]:
+                   opened: list[Image.Image] | None = None, header_seconds: float = 0.0,
+                   reserve: Callable[[int], AbstractContextManager[None]] | None = None,
+                   ) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """A request's images → (N, size, size, 3) uint8 and per-image (decode, preprocess) seconds.
 
     Opens them first unless ``opened`` (headers already parsed, ``header_seconds`` each) is given.
-    Each decoded image is freed as soon as it is prepared, and all of them on failure; after a
-    request that declared more than ``TRIM_AFTER_PIXELS`` the freed memory returns to the OS.
+    ``reserve(pixels)`` holds the declared pixels while they are decoded (admission control; it
+    raises to refuse). Each decoded image is freed as soon as it is prepared, and all of them on
+    failure; after a request that declared more than ``TRIM_AFTER_PIXELS`` the freed memory
+    returns to the OS.
     """
     budget = DecodeBudget(limits.budget_s)
     if opened is None:
@@ -202,15 +206,16 @@ def decode_request(datas: Sequence[bytes], names: Sequence[str], limits: DecodeL
     declared = sum(img.width * img.height for img in opened)
     arrays, timings = [], []
     try:
-        for img, name in zip(opened, names, strict=True):
-            t0 = time.perf_counter()
-            pil = load_image(img, max_pixels=limits.max_pixels, name=name, min_side=2 * size)
-            t1 = time.perf_counter()
-            try:
-                arrays.append(prepare(pil, size))
-            finally:
-                img.close()
-            timings.append((header_seconds + t1 - t0, time.perf_counter() - t1))
+        with reserve(declared) if reserve is not None else contextlib.nullcontext():
+            for img, name in zip(opened, names, strict=True):
+                t0 = time.perf_counter()
+                pil = load_image(img, max_pixels=limits.max_pixels, name=name, min_side=2 * size)
+                t1 = time.perf_counter()
+                try:
+                    arrays.append(prepare(pil, size))
+                finally:
+                    img.close()
+                timings.append((header_seconds + t1 - t0, time.perf_counter() - t1))
     finally:
         for img in opened:
             img.close()  # frees the pixels even while an exception's traceback still holds img

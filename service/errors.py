@@ -110,6 +110,12 @@ class ModelNotReady(ServiceError):
     code = "model_not_ready"
 
 
+class Overloaded(ServiceError):
+    """More work in flight than the admission bounds allow (``service.admission``): retry."""
+
+    code = "overloaded"
+
+
 class StartupError(RuntimeError):
     """The server cannot start (bad settings, broken package); the text says why."""
 
@@ -129,6 +135,7 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     InvalidParameter: 422,
     ClientClosed: 499,  # nginx's "client closed request": no answer reaches anyone
     ModelNotReady: 503,
+    Overloaded: 503,
 }
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import stat
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +48,15 @@ class InputSpec(_Strict):
         return v
 
 
+def plain_file_name(name: str) -> str:
+    """A package names its files by plain names: no directory part, no leading dot, no NUL, so
+    nothing a manifest names can be looked up outside its package (``..``, ``/etc/...``)."""
+    if not name or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+        raise ValueError(f"a package file must be a plain file name inside the package, got "
+                         f"{name[:80]!r}")
+    return name
+
+
 class Component(_Strict):
     """One ONNX file of the package and what it costs per image."""
 
@@ -68,9 +78,7 @@ class Component(_Strict):
     @field_validator("file")
     @classmethod
     def _plain_name(cls, v: str) -> str:
-        if not v or "/" in v or "\\" in v or v.startswith("."):
-            raise ValueError(f"component file must be a plain file name, got {v!r}")
-        return v
+        return plain_file_name(v)
 
 
 class Cluster(_Strict):
@@ -201,6 +209,13 @@ class Manifest(_Strict):
         default_factory=dict, description="Other files (plots, model card) -> sha256."
     )
 
+    @field_validator("extra_files")
+    @classmethod
+    def _plain_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            plain_file_name(name)
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
         n = len(self.class_names)
@@ -283,14 +298,22 @@ def verify_files(manifest: Manifest, package_dir: Path) -> None:
     expected = {c.file: c.sha256 for c in manifest.components().values()}
     expected.update(manifest.extra_files)
     problems = []
+    root = package_dir.resolve()
     for name, digest in expected.items():
         path = package_dir / name
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             problems.append(f"missing file {name}")
+        elif not _regular_file_inside(path, root):  # a FIFO, a device, a link out: never read
+            problems.append(f"{name} is not a regular file inside the package")
         elif sha256_file(path) != digest:
             problems.append(f"sha256 mismatch for {name} (file changed after export?)")
     if problems:
         raise PackageError(f"model package {package_dir} is broken: " + "; ".join(problems))
+
+
+def _regular_file_inside(path: Path, root: Path) -> bool:
+    resolved = path.resolve()
+    return resolved.parent == root and stat.S_ISREG(resolved.stat().st_mode)
 
 
 def load_manifest(package_dir: Path, *, verify: bool = True) -> Manifest:

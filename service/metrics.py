@@ -65,6 +65,12 @@ class Metrics:
             buckets=REQUEST_BUCKETS, registry=r)
         self.in_flight = Gauge(f"{p}_in_flight_requests", "HTTP requests being served now.",
                                registry=r)
+        self.overload_rejections = Counter(
+            f"{p}_overload_rejections", "Inference requests refused with 503 by an admission "
+            "bound: requests in flight, or pixels being decoded.", ["bound"], registry=r)
+        self.decoding_pixels = Gauge(f"{p}_decoding_pixels",
+                                     "Pixels (as image headers declare them) being decoded now.",
+                                     registry=r)
         self.stage_seconds = Histogram(
             f"{p}_stage_duration_seconds",
             "Time per classify request spent in each stage (decode/preprocess summed over its "
@@ -88,7 +94,8 @@ class Metrics:
         self.ready = Gauge(f"{p}_model_ready",
                                   "1 when the package is loaded and warmed up, else 0.", registry=r)
         self.reloads = Counter(f"{p}_reloads", "Hot reloads (POST /admin/reload) by result: ok, "
-                               "or rejected (a broken package; the old one kept serving).",
+                               "rejected (a broken package) or timeout (abandoned past "
+                               "CPCNN_RELOAD_TIMEOUT_S); on either the old one kept serving.",
                                ["result"], registry=r)
         # Children that exist at zero before the first request, kept for the per-request path:
         # ``labels()`` costs a few µs per call, a dozen calls per request.
@@ -98,7 +105,7 @@ class Metrics:
                                  self.original_flops.labels(mode=mode)) for mode in MODES}
         for mode in MODES:
             self.batch_size.labels(mode=mode)
-        for result in ("ok", "rejected"):
+        for result in ("ok", "rejected", "timeout"):
             self.reloads.labels(result=result)
         self._heads: dict[int, Counter] = {}
 

@@ -117,3 +117,17 @@ class StartupFailureMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_readable)
+
+
+class HeadAsGet:
+    """HEAD is GET without the body (RFC 9110 9.3.2). FastAPI's routes answer only the methods
+    they list, so HEAD on a GET route was a 405; here it is routed as GET and the server (uvicorn)
+    sends the headers alone. Metrics and logs still see HEAD."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)

@@ -41,6 +41,7 @@ import anyio.to_thread
 import numpy as np
 from PIL import Image
 
+from service.admission import Admission
 from service.batcher import BatchSlice, MicroBatcher
 from service.decode import (
     DecodeLimits,
@@ -132,6 +133,8 @@ class InferenceService:
         self._batcher: MicroBatcher | None = None
         self._arriving = 0  # requests decoding now (event-loop thread only): the batcher waits for them
         self._active = 0  # requests inside _classify (event-loop thread only)
+        self.admission = Admission(settings.max_in_flight, settings.max_pixels_in_flight,
+                                   metrics.overload_rejections, metrics.decoding_pixels)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -205,8 +208,20 @@ class InferenceService:
                            code="reload_in_progress")
         async with self._reload_lock:
             t0 = time.perf_counter()
+            limit = self.settings.reload_timeout_s
             try:
-                runner = await anyio.to_thread.run_sync(self._load, package_dir)
+                # A load stuck in a thread (a hung filesystem) cannot be stopped; past the
+                # deadline it is abandoned, the lock released, and the old package keeps serving.
+                with anyio.fail_after(limit):
+                    runner = await anyio.to_thread.run_sync(self._load, package_dir,
+                                                            abandon_on_cancel=True)
+            except TimeoutError as e:
+                self.metrics.reloads.labels(result="timeout").inc()
+                logger.warning("reload of %s abandoned after %g s, still serving %s %s",
+                               package_dir, limit, old.manifest.name, old.manifest.version)
+                raise Conflict(f"loading the package took longer than {limit:g} s "
+                               f"(CPCNN_RELOAD_TIMEOUT_S); still serving {old.manifest.name} "
+                               f"{old.manifest.version}", code="reload_timeout") from e
             except PackageError as e:
                 self.metrics.reloads.labels(result="rejected").inc()
                 logger.warning("reload refused, still serving %s %s: %s", old.manifest.name,
@@ -279,7 +294,7 @@ class InferenceService:
 
     def set_tau(self, tau: float) -> float:
         """Set τ for requests that start from now on; return the previous value."""
-        check_tau(tau)
+        tau = check_tau(tau)
         if not self.serving:
             raise _not_serving()
         with self._lock:
@@ -291,23 +306,27 @@ class InferenceService:
 
     # -- inference -------------------------------------------------------------------------
     async def classify(self, images: Sequence[ImageInput], *, tau: float | None = None,
-                       mode: Mode = "conditional") -> ClassifyOutcome:
-        """Classify encoded ``images`` at ``tau`` (None: the current τ) in ``mode``."""
+                       mode: Mode = "conditional",
+                       snapshot: tuple[PackageRunner, float] | None = None) -> ClassifyOutcome:
+        """Classify encoded ``images`` at ``tau`` (None: the current τ) in ``mode``, on
+        ``snapshot`` (a ``snapshot()`` the caller already took; None: take one now)."""
         if not images:
             raise InvalidParameter("no images to classify")
         datas, names = [img.data for img in images], [img.name for img in images]
         limits = self._decode_limits
         if sum(len(data) for data in datas) > INLINE_OPEN_MAX_BYTES:
-            prepare = partial(decode_request, datas, names, limits)  # headers too: off the loop
+            prepare = partial(decode_request, datas, names, limits,  # headers too: off the loop
+                              reserve=self.admission.decoding)
             inline = False
         else:  # a small body's headers are cheap to parse here; its pixels decide where it decodes
             t0 = time.perf_counter()
             opened = open_request(datas, names, limits)
             prepare = partial(decode_request, datas, names, limits, opened=opened,
-                              header_seconds=(time.perf_counter() - t0) / len(opened))
+                              header_seconds=(time.perf_counter() - t0) / len(opened),
+                              reserve=self.admission.decoding)
             inline = sum(img.width * img.height for img in opened) <= INLINE_PREPARE_MAX_PIXELS
         return await self._classify(prepare, [img.filename for img in images], tau, mode,
-                                    inline=inline)
+                                    inline=inline, snapshot=snapshot)
 
     @property
     def _decode_limits(self) -> DecodeLimits:
@@ -316,8 +335,11 @@ class InferenceService:
                             max_request_pixels=s.max_request_pixels, budget_s=s.decode_budget_s)
 
     async def classify_pixels(self, pixels: np.ndarray, *, tau: float | None = None,
-                              mode: Mode = "conditional") -> ClassifyOutcome:
-        """Classify decoded (N, H, W, 3) uint8 RGB ``pixels`` at ``tau`` in ``mode``.
+                              mode: Mode = "conditional",
+                              snapshot: tuple[PackageRunner, float] | None = None,
+                              ) -> ClassifyOutcome:
+        """Classify decoded (N, H, W, 3) uint8 RGB ``pixels`` at ``tau`` in ``mode`` (on
+        ``snapshot``, as ``classify``).
 
         Images of another size than the model's are prepared (shorter side resized, centre crop)
         with the same function as decoded uploads; decode time is 0.
@@ -337,11 +359,13 @@ class InferenceService:
                 f"{self.settings.max_image_side} pixels (CPCNN_MAX_IMAGE_SIDE): send smaller images",
                 code="image_too_large")
         return await self._classify(partial(_prepare_pixels, pixels), [None] * len(pixels), tau,
-                                    mode, inline=pixels[..., 0].size <= INLINE_PREPARE_MAX_PIXELS)
+                                    mode, inline=pixels[..., 0].size <= INLINE_PREPARE_MAX_PIXELS,
+                                    snapshot=snapshot)
 
     async def _classify(self, prepare: Callable[[int], tuple[np.ndarray, list[tuple[float, float]]]],
-                        filenames: list[str | None], tau: float | None,
-                        mode: Mode, inline: bool = False) -> ClassifyOutcome:
+                        filenames: list[str | None], tau: float | None, mode: Mode,
+                        inline: bool = False,
+                        snapshot: tuple[PackageRunner, float] | None = None) -> ClassifyOutcome:
         """The one request path: snapshot (package, τ) → prepare → infer → outcome.
 
         ``prepare(size)`` returns the (N, size, size, 3) uint8 batch and per-image
@@ -351,7 +375,7 @@ class InferenceService:
         self._active += 1  # the request is in flight until it returns or fails
         try:
             t0 = time.perf_counter()
-            runner, current_tau = self.snapshot()  # read once per request
+            runner, current_tau = snapshot or self.snapshot()  # read once per request
             tau_used = current_tau if tau is None else check_tau(tau)
             if mode not in ("conditional", "original"):
                 raise InvalidParameter(f"mode must be 'conditional' or 'original', got {mode!r}")
@@ -428,7 +452,7 @@ def check_tau(tau: float) -> float:
     tau = float(tau)
     if not 0.0 <= tau <= 1.0:  # also False for NaN
         raise InvalidParameter(f"tau must be a number in [0, 1], got {tau}")
-    return tau
+    return tau + 0.0  # -0.0 + 0.0 is 0.0: never echo a negative zero
 
 
 # A request body of at most this many bytes has its image headers parsed on the event loop

@@ -7,6 +7,7 @@ environment is read once per process; tests pass a ``Settings(...)`` to ``create
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -16,6 +17,16 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.runner import HEADS_AT_ONCE_MIN_MFLOPS, WIDE_HEAD_MIN_MFLOPS
+
+BYTES_PER_DECODED_PIXEL = 6
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine (or 8 GiB where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
 
 
 def default_model_dir() -> Path:
@@ -122,6 +133,15 @@ class Settings(BaseSettings):
         "decode.")
     max_image_side: int = Field(
         default=16384, ge=1, description="Longest image side (width or height) in pixels.")
+    max_in_flight: int = Field(
+        default=64, ge=1, description="Most inference requests (/classify, V2 infer) being read, "
+        "decoded or run at once; more answer 503 overloaded with Retry-After, before their body "
+        "is read.")
+    max_pixels_in_flight: int | None = Field(
+        default=None, ge=1, description="Most pixels (as image headers declare them) being "
+        "decoded at once over all requests; a request that would pass it answers 503 overloaded. "
+        "At least CPCNN_MAX_REQUEST_PIXELS. Unset: a quarter of the machine's memory at "
+        f"{BYTES_PER_DECODED_PIXEL} bytes a pixel (RGB and the decoder's working copy).")
     decode_budget_s: float = Field(
         default=5.0, gt=0.0, le=600.0, allow_inf_nan=False,
         description="Most seconds decoding one request's images may take; beyond it the request "
@@ -136,6 +156,15 @@ class Settings(BaseSettings):
     keep_alive_s: float = Field(
         default=5.0, gt=0.0, le=3600.0, allow_inf_nan=False,
         description="Longest an idle keep-alive connection stays open between requests.")
+    reload_timeout_s: float = Field(
+        default=120.0, gt=0.0, le=3600.0, allow_inf_nan=False,
+        description="Longest POST /admin/reload may take to load, check and warm a package; "
+        "then it is abandoned (409 reload_timeout) and the served package stays.")
+    shutdown_grace_s: float = Field(
+        default=30.0, gt=0.0, le=3600.0, allow_inf_nan=False,
+        description="On SIGTERM, after CPCNN_SHUTDOWN_DELAY_S: longest the server waits for "
+        "requests in flight before it closes them (uvicorn's graceful-shutdown timeout, set by "
+        "`python -m service`).")
     shutdown_delay_s: float = Field(
         default=0.0, ge=0.0, le=300.0, allow_inf_nan=False,
         description="On SIGTERM: seconds between readiness turning 503 and the server closing its "
@@ -160,6 +189,19 @@ class Settings(BaseSettings):
         if v is not None and not v.is_dir():
             raise ValueError(f"models root {str(v)!r} does not exist or is not a directory")
         return v
+
+    @model_validator(mode="after")
+    def _pixel_bounds_fit(self) -> Settings:
+        if self.max_pixels_in_flight is None:  # frozen: set once, here
+            object.__setattr__(self, "max_pixels_in_flight", max(
+                self.max_request_pixels, memory_bytes() // 4 // BYTES_PER_DECODED_PIXEL))
+        assert self.max_pixels_in_flight is not None
+        if self.max_pixels_in_flight < self.max_request_pixels:
+            raise ValueError(
+                f"CPCNN_MAX_PIXELS_IN_FLIGHT ({self.max_pixels_in_flight}) is below "
+                f"CPCNN_MAX_REQUEST_PIXELS ({self.max_request_pixels}): a request at the limit "
+                "could never be decoded; raise the first or lower the second")
+        return self
 
     @model_validator(mode="after")
     def _default_models_root(self) -> Settings:

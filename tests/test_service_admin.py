@@ -185,3 +185,37 @@ def test_symlink_inside_the_models_root_is_allowed(client, models_root):
     r = client.post("/admin/reload", json={"package": "current"}, headers=AUTH)
     assert r.status_code == 200, r.text
     assert r.json()["model"]["version"] == "1.0.0-b"
+
+
+# -- small things an attack run found --------------------------------------------------------
+def test_head_on_get_routes_answers_like_get(client):
+    for path in ("/healthz", "/readyz", "/metrics", "/v1/model", "/v2/health/live"):
+        r = client.head(path)
+        assert r.status_code == 200, (path, r.status_code)
+    assert client.head("/classify").status_code == 405  # POST only
+    assert 'method="HEAD"' in client.get("/metrics").text
+
+
+def test_negative_zero_tau_is_stored_and_echoed_as_zero(client):
+    r = client.put("/admin/tau", content=b'{"tau": -0.0}', headers=AUTH)
+    assert r.status_code == 200 and r.json()["tau"] == 0.0
+    assert "-0.0" not in r.text
+    assert "-0.0" not in client.get("/admin/tau", headers=AUTH).text
+
+
+def test_admin_bodies_are_bounded(client):
+    r = client.put("/admin/tau", content=b'{"tau": 0.5, "pad": "' + b"x" * 100_000 + b'"}',
+                   headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+def test_secrets_in_a_query_string_never_reach_the_access_log():
+    from service.logconfig import RedactSecrets
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1,
+                               '%s - "%s %s HTTP/%s" %d', ("127.0.0.1:5", "PUT",
+                               f"/admin/tau?token={TOKEN}&x=1&api_key=k2", "1.1", 401), None)
+    assert RedactSecrets().filter(record)
+    line = record.getMessage()
+    assert TOKEN not in line and "k2" not in line
+    assert "token=[redacted]" in line and "x=1" in line

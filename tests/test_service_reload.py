@@ -4,6 +4,7 @@ no request while it happens."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import weakref
@@ -202,3 +203,66 @@ def test_reload_under_load_loses_no_request(models_root, batching):
     assert all(len(r.json()["results"]) == n for n, r in responses)
     assert registry.get_sample_value("cpcnn_reloads_total", {"result": "ok"}) == reloads
     assert registry.get_sample_value("cpcnn_in_flight_requests") == 0
+
+
+def test_a_reload_past_its_deadline_is_abandoned_and_releases_the_lock(models_root, monkeypatch):
+    """A load that hangs (a stuck filesystem) used to hold the reload lock for good: every later
+    reload answered reload_in_progress until a restart."""
+    import threading
+    import time
+
+    from service.runtime import InferenceService
+
+    release = threading.Event()
+    real_load = InferenceService._load
+
+    def hanging_load(self, package_dir):
+        if package_dir.name == "b":
+            release.wait(30)  # hangs until the test lets it go
+        return real_load(self, package_dir)
+
+    monkeypatch.setattr(InferenceService, "_load", hanging_load)
+    app, registry = make_app(models_root, reload_timeout_s=0.5)
+    try:
+        with TestClient(app) as client:
+            t0 = time.perf_counter()
+            stuck = reload(client, "b")
+            assert time.perf_counter() - t0 < 5
+            assert stuck.status_code == 409 and stuck.json()["error"]["code"] == "reload_timeout"
+            assert "CPCNN_RELOAD_TIMEOUT_S" in stuck.text
+            assert classify(client).json()["model"]["version"] == A  # the old one serves
+            assert registry.get_sample_value("cpcnn_reloads_total", {"result": "timeout"}) == 1
+            again = reload(client, "a")  # the lock is free again
+            assert again.status_code == 200, again.text
+    finally:
+        release.set()
+
+
+def test_a_v2_answer_comes_from_the_package_it_names_even_across_a_reload(models_root):
+    """The name is checked against the snapshot the request runs on: a reload while the body
+    streams in cannot make another package answer (it did for 15 of 1,028 requests)."""
+    app, _ = make_app(models_root)
+
+    async def main():
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            reloaded = asyncio.Event()
+
+            async def slow_body():
+                yield b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", '
+                await reloaded.wait()  # the reload completes while this body is in flight
+                yield b'"data": ["' + base64.b64encode(png()) + b'"]}]}'
+
+            request = asyncio.create_task(client.post(
+                "/v2/models/synthetic/infer", content=slow_body(),
+                headers={"Content-Type": "application/json"}))
+            await asyncio.sleep(0.2)
+            swapped = await client.post("/admin/reload", json={"package": "b"}, headers=AUTH)
+            reloaded.set()
+            return swapped, await request
+
+    swapped, answer = asyncio.run(main())
+    assert swapped.status_code == 200
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["model_name"] == "synthetic" and body["model_version"] == A  # not B's

@@ -86,3 +86,26 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero():
     assert all(len(r.json()["results"]) == FILES for r in responses)
     assert readiness and set(readiness) == {503}, readiness  # 503 first, while still serving
     assert "Traceback" not in log, log
+
+
+def test_sigterm_with_a_stalled_upload_exits_within_the_grace_period():
+    """A client that sent half a body and stopped used to hold SIGTERM without limit."""
+    import socket
+
+    port = free_port()
+    proc = start(port, CPCNN_SHUTDOWN_GRACE_S="2", CPCNN_BODY_TIMEOUT_S="600")
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(proc, base)
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+              b"Content-Length: 1000000\r\n\r\n" + b"\0" * 1000)  # and nothing more
+    time.sleep(0.5)
+    try:
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert time.monotonic() - t0 < 2 + 8
+    finally:
+        s.close()
+        log = stop(proc)
+    assert proc.returncode == 0, log

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from service.deps import ReadyServiceDep, SettingsDep, require_admin
 from service.errors import InvalidParameter, describe_validation_errors
 from service.packages import resolve_package_dir
+from service.runtime import check_tau
 from service.schemas import (
     ModelRef,
     Reloaded,
@@ -25,6 +26,7 @@ from service.schemas import (
     expected_figures,
 )
 from service.sweep import expected_at
+from service.upload import check_declared_length, limited_stream
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
                    responses=error_responses(401, 404, 503))
@@ -37,9 +39,14 @@ def _json_body_doc(model: type[BaseModel], example: dict) -> dict:
         "application/json": {"schema": model.model_json_schema(), "example": example}}}}
 
 
-async def _parse(request: Request, model: type[Body], example: str) -> Body:
+ADMIN_MAX_BODY_BYTES = 64 * 1024  # an admin body is a line of JSON
+
+
+async def _parse(request: Request, model: type[Body], example: str, timeout_s: float) -> Body:
+    check_declared_length(request, ADMIN_MAX_BODY_BYTES)
+    body = b"".join([c async for c in limited_stream(request, ADMIN_MAX_BODY_BYTES, timeout_s)])
     try:
-        return model.model_validate_json(await request.body())
+        return model.model_validate_json(body)
     except ValidationError as e:
         raise InvalidParameter(
             f"{describe_validation_errors(e.errors(), where='body')}; send JSON like "
@@ -60,12 +67,14 @@ async def get_tau(service: ReadyServiceDep) -> TauState:
             description="Body `{\"tau\": 0.7}`, τ in [0, 1]. Answers with the accuracy and FLOP "
             "saving the offline τ sweep predicts (linear interpolation between the neighbouring "
             "swept τs).")
-async def put_tau(request: Request, service: ReadyServiceDep) -> TauChanged:
-    update = await _parse(request, TauUpdate, '{"tau": 0.7} with tau in [0, 1]')
+async def put_tau(request: Request, service: ReadyServiceDep, settings: SettingsDep) -> TauChanged:
+    update = await _parse(request, TauUpdate, '{"tau": 0.7} with tau in [0, 1]',
+                          settings.body_timeout_s)
     m = service.manifest
-    previous = service.set_tau(update.tau)
-    return TauChanged(tau=update.tau, previous=previous, default_tau=m.activator.default_tau,
-                      expected=expected_figures(expected_at(m, update.tau)))
+    tau = check_tau(update.tau)  # as it is stored: -0.0 comes back as 0.0
+    previous = service.set_tau(tau)
+    return TauChanged(tau=tau, previous=previous, default_tau=m.activator.default_tau,
+                      expected=expected_figures(expected_at(m, tau)))
 
 
 @router.post("/reload", response_model=Reloaded, responses=error_responses(403, 409, 422),
@@ -80,7 +89,8 @@ async def put_tau(request: Request, service: ReadyServiceDep) -> TauChanged:
              "a symlink out of the models root: 403 `outside_models_root`.")
 async def reload_package(request: Request, service: ReadyServiceDep,
                          settings: SettingsDep) -> Reloaded:
-    body = await _parse(request, ReloadRequest, '{"package": "<directory in the models root>"}')
+    body = await _parse(request, ReloadRequest, '{"package": "<directory in the models root>"}',
+                        settings.body_timeout_s)
     assert settings.models_root is not None  # filled in by Settings
     outcome = await service.reload(resolve_package_dir(settings.models_root, body.package))
     m, old = outcome.manifest, outcome.previous

@@ -53,9 +53,11 @@ async def classify_images(request: Request, service: InferenceService, settings:
     """The work of ``POST /classify`` once its parameters are valid: read the images, run them,
     answer. The route below and the fast path (``service.fastpath``) both end here."""
     t0 = time.perf_counter()
-    images = await read_images(request, max_body_bytes=settings.max_body_bytes,
-                               max_files=settings.max_files, body_timeout_s=settings.body_timeout_s)
-    outcome = await service.classify(images, tau=tau, mode=mode)
+    with service.admission.request():  # before the body is read: refused at once when full
+        images = await read_images(request, max_body_bytes=settings.max_body_bytes,
+                                   max_files=settings.max_files,
+                                   body_timeout_s=settings.body_timeout_s)
+        outcome = await service.classify(images, tau=tau, mode=mode)
     body = classify_response(outcome, top_k or settings.default_top_k, time.perf_counter() - t0)
     # A ready Response: FastAPI would otherwise validate the model it was just built from again
     # before serialising it (~0.1 ms a request); ``response_model`` still documents the shape.

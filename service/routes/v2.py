@@ -134,9 +134,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter(prefix="/v2", tags=["v2"], route_class=V2Route)
 
 
-def served_manifest(service: InferenceService, name: str, version: str | None) -> Manifest:
-    """The manifest of the model ``name`` (at ``version``), or ``ModelNotFound``."""
-    m = service.manifest
+def served_manifest(service: InferenceService, name: str, version: str | None,
+                    m: Manifest | None = None) -> Manifest:
+    """The manifest of the model ``name`` (at ``version``), or ``ModelNotFound``; ``m``: check
+    against this manifest (the snapshot a request runs on) instead of the served one now."""
+    m = service.manifest if m is None else m
     if name != m.name:
         raise ModelNotFound(f"unknown model {name!r}: this server serves {m.name!r}")
     if version is not None and version != m.version:
@@ -227,19 +229,25 @@ _INFER_DOC = {
 async def infer(request: Request, service: ReadyServiceDep, settings: SettingsDep, name: str,
                 version: str | None = None) -> Response:
     t0 = time.perf_counter()
-    served_manifest(service, name, version)
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-    parse = partial(parse_infer_request, body, request.headers.get(HEADER_LENGTH),
-                    request.headers.get("content-encoding", ""), settings)
-    # A small plain body parses faster than a hop to a worker thread and back; a large or
-    # compressed one is parsed off the event loop.
-    inline = len(body) <= INLINE_PARSE_MAX_BYTES and not request.headers.get("content-encoding")
-    call = parse() if inline else await anyio.to_thread.run_sync(parse)
-    if call.pixels is not None:
-        outcome = await service.classify_pixels(call.pixels, tau=call.tau, mode=call.mode)
-    else:
-        assert call.images is not None
-        outcome = await service.classify(call.images, tau=call.tau, mode=call.mode)
+    # One snapshot for the name check and the run: a reload while the body streams in must not
+    # make another package answer for the model this request named.
+    snapshot = service.snapshot()
+    served_manifest(service, name, version, snapshot[0].manifest)
+    with service.admission.request():  # before the body is read: refused at once when full
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        parse = partial(parse_infer_request, body, request.headers.get(HEADER_LENGTH),
+                        request.headers.get("content-encoding", ""), settings)
+        # A small plain body parses faster than a hop to a worker thread and back; a large or
+        # compressed one is parsed off the event loop.
+        inline = len(body) <= INLINE_PARSE_MAX_BYTES and not request.headers.get("content-encoding")
+        call = parse() if inline else await anyio.to_thread.run_sync(parse)
+        if call.pixels is not None:
+            outcome = await service.classify_pixels(call.pixels, tau=call.tau, mode=call.mode,
+                                                    snapshot=snapshot)
+        else:
+            assert call.images is not None
+            outcome = await service.classify(call.images, tau=call.tau, mode=call.mode,
+                                             snapshot=snapshot)
     result = classify_response(outcome, call.top_k or settings.default_top_k,
                                time.perf_counter() - t0)
     scores = np.stack([image.prediction.scores for image in outcome.images])  # (N, C)
