@@ -13,7 +13,10 @@ Reported: failed requests (a transport error, a 5xx, a good request not answered
 one not answered 4xx, a 200 from neither package; target 0), 5xx (target 0), the server's resident
 memory (VmRSS) after warm-up (both packages loaded once), at the end and at its peak, its growth
 over the soak (target < 10 %), and its open file descriptors at start and end. Then SIGTERM: the
-exit status is reported too. Results: ``bench/results/soak-<machine>.{json,md}``.
+exit status is reported too. Between the two, a burst (``bench/overload.py``): 200 requests of
+4 x 3 MP PNGs at once against ``CPCNN_MAX_IN_FLIGHT=32``, each answered 200 or a fast 503 with
+Retry-After; and the SIGTERM comes while an upload is stalled mid-body, so the stop must end
+within the grace period. Results: ``bench/results/soak-<machine>.{json,md}``.
 
 Growth compares the median of the RSS samples (every 0.5 s) in the last fifth of the soak with
 the median in its second fifth; the first fifth is left to settle. A leak grows with the
@@ -51,12 +54,16 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.overload import burst, stall_upload  # noqa: E402
 from bench.serve_bench import machine_info  # noqa: E402
 from service.launch import child_env, free_port, wait_until_ready  # noqa: E402
 from service.manifest import copy_package, load_manifest  # noqa: E402
 from service.settings import default_model_dir  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+
+
+GRACE_S = 5  # the server's shutdown grace in the soak (CPCNN_SHUTDOWN_GRACE_S)
 
 
 # -- the server process ----------------------------------------------------------------------------
@@ -72,7 +79,8 @@ def proc_status(pid: int) -> dict[str, int]:
 def start_server(models_root: Path, port: int, token: str) -> subprocess.Popen:
     env = child_env(CPCNN_MODEL_DIR=str(models_root / "a"), CPCNN_MODELS_ROOT=str(models_root),
                     CPCNN_ADMIN_TOKEN=token, CPCNN_HOST="127.0.0.1", CPCNN_PORT=str(port),
-                    CPCNN_LOG_LEVEL="WARNING")
+                    CPCNN_LOG_LEVEL="WARNING", CPCNN_SHUTDOWN_GRACE_S=str(GRACE_S),
+                    CPCNN_MAX_IN_FLIGHT="32")
     return subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -284,7 +292,18 @@ def markdown(result: dict) -> str:
          f"({p['rss_samples']} samples)"),
         ("**RSS growth over the soak** (target < 10 %)", f"{p['rss_growth'] * 100:+.1f} %"),
         ("open fds at start / end", f"{p['fds_start']} / {p['fds_end']}"),
+        ("burst: answers by status (target: only 200 and 503)",
+         ", ".join(f"{k}: {v}" for k, v in result["burst"]["statuses"].items())),
+        ("burst: seconds; 503 p50 / 200 p50 (ms)",
+         f"{result['burst']['seconds']:.1f}; {result['burst']['refusal_p50_ms'] or 0:.0f} / "
+         f"{result['burst']['ok_p50_ms'] or 0:.0f}"),
+        ("burst: RSS before / peak / 5 s after (MiB)",
+         " / ".join(f"{result['burst'][k] / 1024:.0f}"
+                    for k in ("rss_before_kib", "rss_peak_kib", "rss_after_kib"))),
+        ("burst: a plain request 5 s after (ms)", f"{result['burst']['probe_ms']:.0f}"),
         ("exit status after SIGTERM", p["exit_status"]),
+        ("seconds from SIGTERM to exit, an upload stalled (target < grace + 10 s)",
+         f"{result['stop_seconds_with_stalled_upload']:.1f}"),
         ("duration (s), warm-up + soak", f"{result['warmup_seconds']:.1f} + "
                                           f"{result['soak_seconds']:.1f}"),
     ]
@@ -313,6 +332,8 @@ def main() -> int:
     parser.add_argument("--reload-every", type=float, default=2.0, help="seconds between reloads")
     parser.add_argument("--max-seconds", type=float, default=900, help="bound on the soak phase")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--burst-clients", type=int, default=200,
+                        help="requests of 4 x 3 MP PNGs sent at once after the soak")
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
@@ -363,9 +384,20 @@ def main() -> int:
             metrics = httpx.get(f"{base}/metrics", timeout=10).text
             server_5xx = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                              if line.startswith("cpcnn_requests_total") and 'status="5' in line)
-            # 3. a graceful stop
+            # 3. a burst far past the admission bounds: 200s and fast 503s, memory given back
+            overload = asyncio.run(burst(base, lambda: proc_status(proc.pid)["rss_kib"],
+                                         clients=args.burst_clients))
+            print(f"burst: {overload['statuses']} in {overload['seconds']:.1f} s, RSS peak "
+                  f"{overload['rss_peak_kib'] / 1024:.0f} MiB, after "
+                  f"{overload['rss_after_kib'] / 1024:.0f} MiB")
+            # 4. a graceful stop with an upload stalled mid-body
+            stalled = stall_upload(port)
+            time.sleep(0.5)
+            t_stop = time.perf_counter()
             proc.send_signal(signal.SIGTERM)
             exit_status = proc.wait(timeout=120)
+            stop_seconds = time.perf_counter() - t_stop
+            stalled.close()
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -374,7 +406,8 @@ def main() -> int:
     early, late, growth = rss_growth(samples)
     lat = [x * 1000 for x in t.latencies]
     verdict = "pass" if (t.failed == 0 and t.server_errors == 0 and server_5xx == 0
-                         and growth < 0.10 and not t.admin_failures and exit_status == 0) else "FAIL"
+                         and growth < 0.10 and not t.admin_failures and exit_status == 0
+                         and overload["ok"] and stop_seconds < GRACE_S + 10) else "FAIL"
     m = machine_info()
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": m,
@@ -390,6 +423,7 @@ def main() -> int:
                     "rss_samples": len(samples), "rss_growth": growth,
                     "rss_samples_kib": samples, "fds_start": start["fds"],
                     "fds_end": end["fds"], "exit_status": exit_status},
+        "burst": overload, "stop_seconds_with_stalled_upload": stop_seconds,
         "warmup": {"requests": warm.sent, "failed": warm.failed, "reloads_ok": warm.reloads_ok},
         "warmup_seconds": warmup_seconds, "soak_seconds": soak_seconds,
         "server_log_tail": log[-4000:],
