@@ -135,6 +135,9 @@ class InferenceService:
         self._active = 0  # requests inside _classify (event-loop thread only)
         self.admission = Admission(settings.max_in_flight, settings.max_pixels_in_flight,
                                    metrics.overload_rejections, metrics.decoding_pixels)
+        self._decode_limits = DecodeLimits(  # settings are frozen: built once, not per request
+            max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
+            max_request_pixels=settings.max_request_pixels, budget_s=settings.decode_budget_s)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -327,12 +330,6 @@ class InferenceService:
             inline = sum(img.width * img.height for img in opened) <= INLINE_PREPARE_MAX_PIXELS
         return await self._classify(prepare, [img.filename for img in images], tau, mode,
                                     inline=inline, snapshot=snapshot)
-
-    @property
-    def _decode_limits(self) -> DecodeLimits:
-        s = self.settings
-        return DecodeLimits(max_pixels=s.max_image_pixels, max_side=s.max_image_side,
-                            max_request_pixels=s.max_request_pixels, budget_s=s.decode_budget_s)
 
     async def classify_pixels(self, pixels: np.ndarray, *, tau: float | None = None,
                               mode: Mode = "conditional",
