@@ -429,16 +429,12 @@ def markdown(result: dict) -> str:
               f"{result['image_size']} px) per request; {result['images']} validation images.", "",
               "Latency is measured by the client (send to last byte); 'server p50' is the server's "
               "own time (`Server-Timing: total`, request body read to response built). ⇄: one "
-              "client went over all the c=1 ⇄ rows for half a cell's time per server, six servers up "
+              "client went over all the c=1 ⇄ rows for half a cell's time per server, five servers up "
               "at once and the raw compute in-process, taking the servers in turn for "
               f"{BLOCK_SECONDS:g} s each and alternating a server's two modes request by request "
               "in a random order (side by side); 'not "
               "inline': `CPCNN_INLINE_WHEN_IDLE=false` (every model run in a worker thread); "
-              "'shared ORT pool': `CPCNN_SHARED_THREAD_POOL=true`; 'no fast path': "
-              "`CPCNN_CLASSIFY_FAST_PATH=false` (every request through FastAPI's routing and "
-              "validation; at c=8 and 32 side by side with the default server, ⇄, a cell's time each, "
-              "throughput over the two servers' shared time: compare those two rows with each "
-              "other); "
+              "'shared ORT pool': `CPCNN_SHARED_THREAD_POOL=true`; "
               "'floor': a framework-free ASGI app around the same runner (`bench/floor_app.py`), "
               "what any Python server on this machine pays for the same work; 'raw compute "
               "in-process': the bench's own package runner on the already decoded image, no HTTP, "
@@ -457,8 +453,6 @@ def markdown(result: dict) -> str:
             batching += ", not inline"
         elif r.get("shared_thread_pool"):
             batching += ", shared ORT pool"
-        elif not r.get("classify_fast_path", True):
-            batching += ", no fast path"
         lines.append(f"| {batching} | {r['mode']}{' ⇄' if r.get('interleaved') else ''} | "
                      f"{r['concurrency']} | "
                      f"{r['requests']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.2f} | "
@@ -550,7 +544,7 @@ def targets(result: dict) -> list[dict]:
         return next((r for r in result["served"] if r["batching"] == batching and r["mode"] == mode
                      and r["concurrency"] == c and r.get("inline_when_idle", True)
                      and not r.get("floor") and not r.get("shared_thread_pool")
-                     and r.get("classify_fast_path", True) and not r.get("raw")
+                     and not r.get("raw")
                      and (c == 1 or not r.get("interleaved"))), None)
 
     def floor(mode: str) -> dict | None:
@@ -641,29 +635,24 @@ def main() -> int:
                     "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "seconds": args.seconds, "concurrency": levels, "images": len(images),
                     "image_size": manifest.input.size, "served": []}
-    # Six servers up at once: the default (batching on), batching off, batching on with every
+    # Five servers up at once: the default (batching on), batching off, batching on with every
     # model run in a worker thread (CPCNN_INLINE_WHEN_IDLE=false), batching on with one shared
-    # ORT thread pool (CPCNN_SHARED_THREAD_POOL=true), batching on with every request through
-    # FastAPI (CPCNN_CLASSIFY_FAST_PATH=false), and the framework-free floor around the
+    # ORT thread pool (CPCNN_SHARED_THREAD_POOL=true), and the framework-free floor around the
     # same runner (bench/floor_app.py). At c=1 one client goes over all (server, mode) pairs and
     # the raw compute in-process (``InProcess``; the servers and it in turns of BLOCK_SECONDS, a
     # server's modes request by request), so the c=1 figures the targets compare are measured
-    # side by side; at higher concurrency each (server, mode) has the machine alone, except the
-    # fast-path pair (side by side).
+    # side by side; at higher concurrency each (server, mode) has the machine alone.
     runner = PackageRunner(model_dir, verify=False)  # raw compute, with the servers' settings
     servers: list[Server] = []
     try:
-        for batching, inline, shared, fast in ((True, True, False, True), (False, True, False, True),
-                                               (True, False, False, True), (True, True, True, True),
-                                               (True, True, False, False)):
+        for batching, inline, shared in ((True, True, False), (False, True, False),
+                                         (True, False, False), (True, True, True)):
             servers.append(Server(
                 model_dir, {"CPCNN_BATCHING": str(batching).lower(), "CPCNN_TAU": str(tau),
                             "CPCNN_MAX_BATCH_DELAY_MS": args.max_batch_delay_ms,
                             "CPCNN_INLINE_WHEN_IDLE": str(inline).lower(),
-                            "CPCNN_SHARED_THREAD_POOL": str(shared).lower(),
-                            "CPCNN_CLASSIFY_FAST_PATH": str(fast).lower()},
-                batching=batching, inline_when_idle=inline, shared_thread_pool=shared,
-                classify_fast_path=fast))
+                            "CPCNN_SHARED_THREAD_POOL": str(shared).lower()},
+                batching=batching, inline_when_idle=inline, shared_thread_pool=shared))
         # The floor: no framework, the same runner (bench/floor_app.py), only at c=1.
         floor = Server(model_dir, {"CPCNN_TAU": str(tau)}, app="bench.floor_app:app",
                        batching=False, floor=True)
@@ -674,8 +663,6 @@ def main() -> int:
                 runs = [[(server, mode) for server in (*servers, in_process) for mode in MODES]]
             else:  # the inline switch, the shared pool and the floor: for a request alone
                 runs = [[(server, mode)] for server in servers[:2] for mode in MODES]
-                # The fast path under load: side by side with the default server.
-                runs.append([(servers[0], "conditional"), (servers[4], "conditional")])
             for targets_ in runs:  # side by side at c=1: half a cell's time per server
                 seconds = args.seconds * (max(1, len(targets_) / 4) if c == 1 else len(targets_))
                 for r in asyncio.run(drive(targets_, bodies, c, seconds)):

@@ -20,7 +20,6 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from service.errors import StartupError, install_error_handlers
-from service.fastpath import ClassifyFastPath
 from service.logconfig import configure_logging
 from service.metrics import Metrics
 from service.middleware import (
@@ -120,7 +119,6 @@ def create_app(settings: Settings | None = None, *,
     # Innermost first: the fast path sits inside the metrics and error middlewares, so what it
     # serves is counted and guarded like any other request.
     app.add_middleware(HeadAsGet)
-    app.add_middleware(ClassifyFastPath)
     app.add_middleware(AllowHeaderMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(StartupFailureMiddleware)

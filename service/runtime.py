@@ -62,6 +62,7 @@ from service.manifest import Manifest, PackageError
 from service.metrics import Metrics
 from service.runner import BatchResult, PackageRunner, Prediction, share_thread_pool
 from service.settings import Settings
+from service.sweep import Expected, Target, TargetUnreachable, tau_for_target
 
 logger = logging.getLogger(__name__)
 
@@ -295,12 +296,20 @@ class InferenceService:
         with self._lock:
             return self._tau
 
-    def set_tau(self, tau: float) -> float:
-        """Set τ for requests that start from now on; return the previous value."""
+    def set_tau(self, tau: float, *, manifest: Manifest | None = None) -> float:
+        """Set τ for requests that start from now on; return the previous value.
+
+        ``manifest``: the package τ was chosen for (from a target); a reload since then makes it
+        a 409, since the τ may mean something else on the new package.
+        """
         tau = check_tau(tau)
         if not self.serving:
             raise _not_serving()
         with self._lock:
+            if manifest is not None and self._runner is not None \
+                    and self._runner.manifest is not manifest:
+                raise Conflict("the package changed while τ was being chosen; send the target "
+                               "again", code="reload_in_progress")
             previous, self._tau = self._tau, float(tau)
             self._tau_pinned = True
             self.metrics.tau.set(self._tau)
@@ -309,10 +318,11 @@ class InferenceService:
 
     # -- inference -------------------------------------------------------------------------
     async def classify(self, images: Sequence[ImageInput], *, tau: float | None = None,
-                       mode: Mode = "conditional",
+                       target: Target | None = None, mode: Mode = "conditional",
                        snapshot: tuple[PackageRunner, float] | None = None) -> ClassifyOutcome:
-        """Classify encoded ``images`` at ``tau`` (None: the current τ) in ``mode``, on
-        ``snapshot`` (a ``snapshot()`` the caller already took; None: take one now)."""
+        """Classify encoded ``images`` at ``tau`` (None: the current τ, or the τ the package's
+        sweep gives for ``target``) in ``mode``, on ``snapshot`` (a ``snapshot()`` the caller
+        already took; None: take one now)."""
         if not images:
             raise InvalidParameter("no images to classify")
         datas, names = [img.data for img in images], [img.name for img in images]
@@ -329,10 +339,10 @@ class InferenceService:
                               reserve=self.admission.decoding)
             inline = sum(img.width * img.height for img in opened) <= INLINE_PREPARE_MAX_PIXELS
         return await self._classify(prepare, [img.filename for img in images], tau, mode,
-                                    inline=inline, snapshot=snapshot)
+                                    inline=inline, snapshot=snapshot, target=target)
 
     async def classify_pixels(self, pixels: np.ndarray, *, tau: float | None = None,
-                              mode: Mode = "conditional",
+                              target: Target | None = None, mode: Mode = "conditional",
                               snapshot: tuple[PackageRunner, float] | None = None,
                               ) -> ClassifyOutcome:
         """Classify decoded (N, H, W, 3) uint8 RGB ``pixels`` at ``tau`` in ``mode`` (on
@@ -357,12 +367,13 @@ class InferenceService:
                 code="image_too_large")
         return await self._classify(partial(_prepare_pixels, pixels), [None] * len(pixels), tau,
                                     mode, inline=pixels[..., 0].size <= INLINE_PREPARE_MAX_PIXELS,
-                                    snapshot=snapshot)
+                                    snapshot=snapshot, target=target)
 
     async def _classify(self, prepare: Callable[[int], tuple[np.ndarray, list[tuple[float, float]]]],
                         filenames: list[str | None], tau: float | None, mode: Mode,
                         inline: bool = False,
-                        snapshot: tuple[PackageRunner, float] | None = None) -> ClassifyOutcome:
+                        snapshot: tuple[PackageRunner, float] | None = None,
+                        target: Target | None = None) -> ClassifyOutcome:
         """The one request path: snapshot (package, τ) → prepare → infer → outcome.
 
         ``prepare(size)`` returns the (N, size, size, 3) uint8 batch and per-image
@@ -373,7 +384,12 @@ class InferenceService:
         try:
             t0 = time.perf_counter()
             runner, current_tau = snapshot or self.snapshot()  # read once per request
-            tau_used = current_tau if tau is None else check_tau(tau)
+            if target is not None:
+                if tau is not None:
+                    raise InvalidParameter("give tau or a target for this request, not both")
+                tau_used = tau_for(runner.manifest, target).tau
+            else:
+                tau_used = current_tau if tau is None else check_tau(tau)
             if mode not in ("conditional", "original"):
                 raise InvalidParameter(f"mode must be 'conditional' or 'original', got {mode!r}")
             size = runner.manifest.input.size
@@ -443,6 +459,19 @@ class InferenceService:
         if mode == "original":
             return runner.run_original(batch)
         return runner.run(batch, taus)
+
+
+def tau_for(manifest: Manifest, target: Target,
+            within: tuple[float, float] = (0.0, 1.0)) -> Expected:
+    """The τ the package's sweep gives for ``target`` (``service.sweep.tau_for_target``); a 422
+    ``target_unreachable`` naming the best reachable value, or ``no_tau_sweep``."""
+    try:
+        return tau_for_target(manifest, target, within)
+    except TargetUnreachable as e:
+        raise InvalidParameter(f"{e}; ask for less, or set tau directly",
+                               code="target_unreachable") from e
+    except ValueError as e:
+        raise InvalidParameter(str(e), code="no_tau_sweep") from e
 
 
 def check_tau(tau: float) -> float:

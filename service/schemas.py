@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.manifest import ActivatorSpec, Component, InputSpec, Manifest, SweepRow, TrainingInfo
 from service.packages import PACKAGE_NAME
 from service.runtime import ClassifyOutcome, ImageOutcome, Mode
-from service.sweep import Expected
+from service.sweep import TARGET_KINDS, Expected, Target
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -225,12 +225,54 @@ def model_info(manifest: Manifest, current_tau: float, providers: list[str]) -> 
 
 
 # -- admin ---------------------------------------------------------------------------------
+class TauTarget(BaseModel):
+    """One target to choose τ from the package's sweep (exactly one field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # strict: JSON numbers only (no true/false, no "0.5"), as the schema says
+    flop_saving: float | None = Field(
+        default=None, ge=0.0, le=1.0, allow_inf_nan=False, strict=True, examples=[0.4],
+        description="Save at least this fraction of the original model's FLOPs; the most "
+        "accurate τ that does.")
+    max_top1_loss: float | None = Field(
+        default=None, ge=0.0, le=1.0, allow_inf_nan=False, strict=True, examples=[0.005],
+        description="Lose at most this much top-1 against the original (0.005 = half a point); "
+        "the cheapest τ that does.")
+    mflops: float | None = Field(
+        default=None, gt=0.0, allow_inf_nan=False, strict=True, examples=[600.0],
+        description="Spend at most this many MFLOPs an image on average; the most accurate τ "
+        "that does.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TauTarget:
+        given = [k for k in TARGET_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(TARGET_KINDS)}, got "
+                             f"{', '.join(given) or 'none'}")
+        return self
+
+    def to_target(self) -> Target:
+        kind = next(k for k in TARGET_KINDS if getattr(self, k) is not None)
+        return Target(kind, float(getattr(self, kind)))
+
+
 class TauUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # strict: a JSON number only (no true/false, no "0.5"), as the schema says
-    tau: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True, examples=[0.7],
-                       description="New τ in [0, 1]: 0 runs one head per image, 1 runs all.")
+    tau: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False, strict=True,
+                              examples=[0.7],
+                              description="New τ in [0, 1]: 0 runs one head per image, 1 runs "
+                              "all.")
+    target: TauTarget | None = Field(default=None, description="Instead of tau: choose τ from "
+                                     "the package's τ sweep to meet this target.")
+
+    @model_validator(mode="after")
+    def _tau_or_target(self) -> TauUpdate:
+        if (self.tau is None) == (self.target is None):
+            raise ValueError('give either "tau" or "target", not both or neither')
+        return self
 
 
 class ExpectedFigures(BaseModel):
@@ -256,6 +298,8 @@ class TauState(BaseModel):
 
 class TauChanged(TauState):
     previous: float = Field(description="τ before this change.")
+    target: TauTarget | None = Field(default=None, description="The target τ was chosen for, "
+                                     "when one was given.")
 
 
 class ReloadRequest(BaseModel):

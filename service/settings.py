@@ -97,12 +97,6 @@ class Settings(BaseSettings):
     inference_concurrency: int = Field(
         default=1, ge=1, description="Inference calls allowed to run at once (worker threads)."
     )
-    classify_fast_path: bool = Field(
-        default=True, description="Serve plainly spelled POST /classify requests (a ready "
-        "service, top_k/tau/mode written plainly) without FastAPI's routing, dependencies and "
-        "query validation; anything else still goes through FastAPI. The same endpoint code "
-        "runs either way. Side by side on 2 cores: 0.1-0.6 ms less a request at c=1, 10-11% "
-        "more throughput at c=8 and c=32 (bench/README.md).")
     inline_when_idle: bool = Field(
         default=True, description="Run a small model run (at most 4 images) on the event loop "
         "when no other request is in flight, instead of in a worker thread: the hop there and "

@@ -118,8 +118,10 @@ class InferenceRequest(BaseModel):
 
     id: str | None = None
     parameters: Parameters | None = Field(
-        default=None, description="tau (number in [0, 1]), mode ('conditional'|'original'), "
-        "top_k (integer >= 1), binary_data_output (bool).")
+        default=None, description="tau (number in [0, 1]) or one target to choose τ from the "
+        "package's sweep (target_flop_saving, target_max_top1_loss: numbers in [0, 1]; "
+        "target_mflops: a number > 0), mode ('conditional'|'original'), top_k (integer >= 1), "
+        "binary_data_output (bool).")
     inputs: list[RequestInput]
     outputs: list[RequestOutput] | None = Field(default=None, description="Default: all outputs.")
 

@@ -69,8 +69,8 @@ def test_batching_target_takes_the_default_server_alone_not_its_side_by_side_row
         return {**_cell("conditional", 10.0, batching=batching, **settings), "concurrency": 32,
                 "throughput_rps": rps}
 
-    served = [row(True, 300.0, interleaved=True),  # beside the no-fast-path server: shared time
-              row(True, 250.0, interleaved=True, classify_fast_path=False),
+    served = [row(True, 300.0, interleaved=True),  # side by side with another server: shared time
+              row(True, 250.0, interleaved=True, inline_when_idle=False),
               row(True, 600.0), row(False, 250.0)]
     target = targets({"served": served, "concurrency": [32], "raw": []})[-1]
     assert target["ok"] and "600.0 vs 250.0 req/s = 2.40×" in target["detail"]

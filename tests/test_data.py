@@ -18,6 +18,7 @@ from training.data import (
     ImageSet,
     augment_batch,
     load_dataset,
+    random_resized_crop,
     split_dataset,
     to_tensor,
 )
@@ -319,6 +320,33 @@ def test_augment_is_reflect_crop_or_flip() -> None:
 
     again = augment_batch(x, pad=pad, flip=True, generator=torch.Generator().manual_seed(3))
     assert torch.equal(out, again)
+
+
+def test_random_resized_crop_full_box_is_identity_or_mirror() -> None:
+    x = _ramp(6, 8, 8).permute(0, 3, 1, 2).float()  # (B, 3, H, W)
+    assert torch.equal(random_resized_crop(x, min_area=1.0, flip=False), x)
+    out = random_resized_crop(x, min_area=1.0, ratio=(1.0, 1.0), flip=True,
+                              generator=torch.Generator().manual_seed(0))
+    mirrored = [torch.allclose(o, i.flip(-1), atol=1e-4) for o, i in zip(out, x, strict=True)]
+    kept = [torch.allclose(o, i, atol=1e-4) for o, i in zip(out, x, strict=True)]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True))
+    assert any(mirrored) and any(kept)
+
+
+def test_random_resized_crop_zooms_in_and_is_seeded() -> None:
+    # a horizontal ramp: a box of a fraction of the width shows a proportionally smaller range
+    ramp = torch.linspace(0, 1, 32).expand(16, 3, 32, 32).contiguous()
+    out = random_resized_crop(ramp, min_area=0.25, size=24, flip=False, ratio=(1.0, 1.0),
+                              generator=torch.Generator().manual_seed(1))
+    assert out.shape == (16, 3, 24, 24)
+    spans = out[:, 0, 0, -1] - out[:, 0, 0, 0]
+    assert bool((spans < 1.0).all()) and float(spans.min()) < 0.75  # zoomed, by varying amounts
+    assert bool((out >= -1e-6).all() and (out <= 1 + 1e-6).all())  # stays inside the image
+    again = random_resized_crop(ramp, min_area=0.25, size=24, flip=False, ratio=(1.0, 1.0),
+                                generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError, match="min_area"):
+        random_resized_crop(ramp, min_area=0.0)
 
 
 def test_to_tensor_exact() -> None:

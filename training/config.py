@@ -31,12 +31,16 @@ class OptimConfig:
     temperature: float = 4.0  # distillation temperature
     logit_match: float = 0.0  # weight of MSE(student logits, teacher logits): keeps a head's logits on the original's scale, so heads can be compared (combination = "joint")
     augment: bool = True  # random crop (reflect pad 4 px / 8 % of the side) + horizontal flip
+    min_area: float = 1.0  # < 1: images (not cached features) get a random resized crop of at least this area fraction instead of the padded crop (scale augmentation against overfitting)
     progressive: list[int] = field(default_factory=list)  # input side for each of the first epochs (progressive resizing); later epochs use the full size
     precision: str = "fp32"  # fp32 | bf16 (autocast + channels_last, fp32 master weights; fp32 where the CPU lacks bf16)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0 < self.min_area <= 1:
+            raise ValueError(f"min_area must be in (0, 1] (1 = no scale augmentation), "
+                             f"got {self.min_area}")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from training import precision as prec
 from training.config import OptimConfig
-from training.data import augment_batch, to_tensor
+from training.data import augment_batch, random_resized_crop, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +31,16 @@ def image_transform(cfg: OptimConfig, mean: Sequence[float], std: Sequence[float
                     image_size: int) -> Transform:
     """uint8 (B, H, W, 3) → augmented, normalised (B, 3, H, W), resized per ``cfg.progressive``."""
     pad = max(1, round(image_size / 8))
+    scaled = cfg.augment and cfg.min_area < 1
 
     def transform(batch: torch.Tensor, gen: torch.Generator, epoch: int) -> torch.Tensor:
-        if cfg.augment:
+        if cfg.augment and not scaled:
             batch = augment_batch(batch, pad=pad, generator=gen)
         x = to_tensor(batch, mean, std)  # (B, 3, H, W) float32
-        if epoch < len(cfg.progressive) and cfg.progressive[epoch] != x.shape[-1]:
-            side = cfg.progressive[epoch]  # progressive resizing: cheap early epochs
+        side = cfg.progressive[epoch] if epoch < len(cfg.progressive) else x.shape[-1]
+        if scaled:  # the crop is resampled straight to this epoch's side
+            return random_resized_crop(x, min_area=cfg.min_area, size=side, generator=gen)
+        if side != x.shape[-1]:  # progressive resizing: cheap early epochs
             x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True,
                               align_corners=False)  # (B, 3, side, side)
         return x

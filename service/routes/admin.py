@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from service.deps import ReadyServiceDep, SettingsDep, require_admin
 from service.errors import InvalidParameter, describe_validation_errors
 from service.packages import resolve_package_dir
-from service.runtime import check_tau
+from service.runtime import check_tau, tau_for
 from service.schemas import (
     ModelRef,
     Reloaded,
@@ -63,18 +63,27 @@ async def get_tau(service: ReadyServiceDep) -> TauState:
 
 @router.put("/tau", response_model=TauChanged, responses=error_responses(422),
             openapi_extra=_json_body_doc(TauUpdate, {"tau": 0.7}),
-            summary="Set τ for requests that start from now on",
-            description="Body `{\"tau\": 0.7}`, τ in [0, 1]. Answers with the accuracy and FLOP "
-            "saving the offline τ sweep predicts (linear interpolation between the neighbouring "
-            "swept τs).")
+            summary="Set τ for requests that start from now on, or choose it from a target",
+            description="Body `{\"tau\": 0.7}` (τ in [0, 1]) or one target: "
+            "`{\"target\": {\"flop_saving\": 0.4}}` (the most accurate τ that saves at least "
+            "40% of the original's FLOPs), `{\"target\": {\"max_top1_loss\": 0.005}}` (the "
+            "cheapest τ within half a point of the original's top-1) or "
+            "`{\"target\": {\"mflops\": 600}}` (the most accurate τ within 600 MFLOPs an "
+            "image). Targets are met on the offline τ sweep, linearly interpolated between swept "
+            "τs; one no τ meets is 422 `target_unreachable`, naming the best reachable value. "
+            "Answers with the τ set and the accuracy and FLOP saving the sweep predicts there.")
 async def put_tau(request: Request, service: ReadyServiceDep, settings: SettingsDep) -> TauChanged:
-    update = await _parse(request, TauUpdate, '{"tau": 0.7} with tau in [0, 1]',
-                          settings.body_timeout_s)
+    update = await _parse(request, TauUpdate, '{"tau": 0.7} with tau in [0, 1], or '
+                          '{"target": {"flop_saving": 0.4}}', settings.body_timeout_s)
     m = service.manifest
-    tau = check_tau(update.tau)  # as it is stored: -0.0 comes back as 0.0
-    previous = service.set_tau(tau)
+    if update.target is not None:
+        tau = tau_for(m, update.target.to_target()).tau
+    else:
+        assert update.tau is not None  # TauUpdate holds exactly one of the two
+        tau = check_tau(update.tau)  # as it is stored: -0.0 comes back as 0.0
+    previous = service.set_tau(tau, manifest=m)
     return TauChanged(tau=tau, previous=previous, default_tau=m.activator.default_tau,
-                      expected=expected_figures(expected_at(m, tau)))
+                      expected=expected_figures(expected_at(m, tau)), target=update.target)
 
 
 @router.post("/reload", response_model=Reloaded, responses=error_responses(403, 409, 422),

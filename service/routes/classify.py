@@ -8,9 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from service.deps import ReadyServiceDep, SettingsDep
+from service.errors import InvalidParameter
 from service.runtime import InferenceService, Mode
 from service.schemas import ClassifyResponse, Latency, classify_response, error_responses
 from service.settings import Settings
+from service.sweep import Target
 from service.upload import read_images
 
 router = APIRouter(tags=["classify"])
@@ -49,15 +51,16 @@ def server_timing(latency: Latency) -> str:
 
 
 async def classify_images(request: Request, service: InferenceService, settings: Settings,
-                          top_k: int | None, tau: float | None, mode: Mode) -> Response:
+                          top_k: int | None, tau: float | None, mode: Mode,
+                          target: Target | None = None) -> Response:
     """The work of ``POST /classify`` once its parameters are valid: read the images, run them,
-    answer. The route below and the fast path (``service.fastpath``) both end here."""
+    answer."""
     t0 = time.perf_counter()
     with service.admission.request():  # before the body is read: refused at once when full
         images = await read_images(request, max_body_bytes=settings.max_body_bytes,
                                    max_files=settings.max_files,
                                    body_timeout_s=settings.body_timeout_s)
-        outcome = await service.classify(images, tau=tau, mode=mode)
+        outcome = await service.classify(images, tau=tau, target=target, mode=mode)
     body = classify_response(outcome, top_k or settings.default_top_k, time.perf_counter() - t0)
     # A ready Response: FastAPI would otherwise validate the model it was just built from again
     # before serialising it (~0.1 ms a request); ``response_model`` still documents the shape.
@@ -65,8 +68,7 @@ async def classify_images(request: Request, service: InferenceService, settings:
                     headers={"Server-Timing": server_timing(body.latency)})
 
 
-# The query parameters, declared once for FastAPI (which validates and documents them); the fast
-# path reads only their plainest spellings and leaves the rest to FastAPI (service.fastpath).
+# The query parameters, declared once for FastAPI (which validates and documents them).
 TopK = Annotated[int | None, Query(
     ge=1, description="Labels per image; larger than the number of classes is clamped to it. "
     "Default: CPCNN_DEFAULT_TOP_K.")]
@@ -74,6 +76,30 @@ Tau = Annotated[float | None, Query(
     ge=0.0, le=1.0, allow_inf_nan=False,
     description="τ for this request only, in [0, 1]; default: the server's current τ.")]
 ModeQuery = Annotated[Mode, Query(description="conditional (CP-CNN) or original (baseline).")]
+TargetSaving = Annotated[float | None, Query(
+    ge=0.0, le=1.0, allow_inf_nan=False,
+    description="Instead of tau: the most accurate τ that saves at least this fraction of the "
+    "original's FLOPs, from the package's τ sweep.")]
+TargetTop1Loss = Annotated[float | None, Query(
+    ge=0.0, le=1.0, allow_inf_nan=False,
+    description="Instead of tau: the cheapest τ that loses at most this much top-1 against the "
+    "original (0.005 = half a point), from the package's τ sweep.")]
+TargetMflops = Annotated[float | None, Query(
+    gt=0.0, allow_inf_nan=False,
+    description="Instead of tau: the most accurate τ that spends at most this many MFLOPs an "
+    "image on average, from the package's τ sweep.")]
+
+
+def query_target(flop_saving: float | None, max_top1_loss: float | None,
+                 mflops: float | None) -> Target | None:
+    """The one ``target_*`` query parameter given, as a ``Target``; None when none is."""
+    given = [Target(kind, value) for kind, value in
+             (("flop_saving", flop_saving), ("max_top1_loss", max_top1_loss), ("mflops", mflops))
+             if value is not None]
+    if len(given) > 1:
+        raise InvalidParameter("give at most one of target_flop_saving, target_max_top1_loss and "
+                               "target_mflops")
+    return given[0] if given else None
 
 
 @router.post(
@@ -83,10 +109,15 @@ ModeQuery = Annotated[Mode, Query(description="conditional (CP-CNN) or original 
     openapi_extra=_BODY_DOC,
     summary="Classify one or more images",
     description="Runs the trunk and clustifier on every image and only the heads the activator "
-    "picks at τ (`mode=conditional`), or the original model (`mode=original`, for A/B). "
+    "picks at τ (`mode=conditional`), or the original model (`mode=original`, for A/B). τ is the "
+    "server's unless the request gives `tau` or one `target_*` (chosen from the package's τ "
+    "sweep; the response says which τ ran; an unmeetable target is 422 `target_unreachable`). "
     "Stage latency is also sent in the `Server-Timing` header (milliseconds).",
 )
 async def classify(request: Request, service: ReadyServiceDep, settings: SettingsDep,
-                   top_k: TopK = None, tau: Tau = None,
-                   mode: ModeQuery = "conditional") -> ClassifyResponse:
-    return await classify_images(request, service, settings, top_k, tau, mode)  # type: ignore[return-value]
+                   top_k: TopK = None, tau: Tau = None, mode: ModeQuery = "conditional",
+                   target_flop_saving: TargetSaving = None,
+                   target_max_top1_loss: TargetTop1Loss = None,
+                   target_mflops: TargetMflops = None) -> ClassifyResponse:
+    target = query_target(target_flop_saving, target_max_top1_loss, target_mflops)
+    return await classify_images(request, service, settings, top_k, tau, mode, target)  # type: ignore[return-value]

@@ -56,6 +56,7 @@ from service.routes.classify import server_timing
 from service.runtime import ImageInput, InferenceService, Mode, check_tau
 from service.schemas import ClassifyResponse, classify_response
 from service.settings import Settings
+from service.sweep import TARGET_KINDS, Target
 from service.upload import (  # the body limits of /classify, shared
     body_too_large,
     check_declared_length,
@@ -196,6 +197,7 @@ class InferCall:
 
     id: str | None
     tau: float | None
+    target: Target | None  # parameters target_flop_saving | target_max_top1_loss | target_mflops
     mode: Mode
     top_k: int | None
     images: list[ImageInput] | None  # input 'image'
@@ -223,7 +225,8 @@ _INFER_DOC = {
              openapi_extra=_INFER_DOC, summary="V2 inference",
              description=f"Classify images sent as input '{IMAGE_INPUT}' (BYTES) or "
              f"'{PIXELS_INPUT}' (UINT8 [N, H, W, 3]). Outputs: {', '.join(OUTPUTS)}. Request "
-             "parameters: tau, mode, top_k. Response parameters carry FLOPs, heads and stage "
+             "parameters: tau (or one of target_flop_saving, target_max_top1_loss, "
+             "target_mflops), mode, top_k. Response parameters carry FLOPs, heads and stage "
              "latency; see service/README.md.")
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def infer(request: Request, service: ReadyServiceDep, settings: SettingsDep, name: str,
@@ -242,12 +245,12 @@ async def infer(request: Request, service: ReadyServiceDep, settings: SettingsDe
         inline = len(body) <= INLINE_PARSE_MAX_BYTES and not request.headers.get("content-encoding")
         call = parse() if inline else await anyio.to_thread.run_sync(parse)
         if call.pixels is not None:
-            outcome = await service.classify_pixels(call.pixels, tau=call.tau, mode=call.mode,
-                                                    snapshot=snapshot)
+            outcome = await service.classify_pixels(call.pixels, tau=call.tau, target=call.target,
+                                                    mode=call.mode, snapshot=snapshot)
         else:
             assert call.images is not None
-            outcome = await service.classify(call.images, tau=call.tau, mode=call.mode,
-                                             snapshot=snapshot)
+            outcome = await service.classify(call.images, tau=call.tau, target=call.target,
+                                             mode=call.mode, snapshot=snapshot)
     result = classify_response(outcome, call.top_k or settings.default_top_k,
                                time.perf_counter() - t0)
     scores = np.stack([image.prediction.scores for image in outcome.images])  # (N, C)
@@ -303,9 +306,11 @@ def parse_infer_request(body: bytes, header_length: str | None, encoding: str,
     req = parse_header(header)
     params = req.parameters or {}
     tau, mode, top_k = _tau(params.get("tau")), _mode(params.get("mode")), _top_k(params.get("top_k"))
+    target = _target(params)
     outputs = _outputs(req, _flag(params, "binary_data_output", "request parameter"))
     images, pixels = read_input(req, binary, header_length is not None, settings.max_files)
-    return InferCall(id=req.id, tau=tau, mode=mode, top_k=top_k, images=images, pixels=pixels,
+    return InferCall(id=req.id, tau=tau, target=target, mode=mode, top_k=top_k, images=images,
+                     pixels=pixels,
                      outputs=outputs)
 
 
@@ -391,6 +396,24 @@ def _tau(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidParameter(f"parameter 'tau' must be a number in [0, 1], got {value!r}")
     return check_tau(value)
+
+
+def _target(params: Parameters) -> Target | None:
+    """The one ``target_<kind>`` request parameter, as a ``Target`` (``/classify``'s query)."""
+    given = [(kind, params[f"target_{kind}"]) for kind in TARGET_KINDS
+             if params.get(f"target_{kind}") is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise InvalidParameter("give at most one of the parameters "
+                               + ", ".join(f"target_{k}" for k in TARGET_KINDS))
+    kind, value = given[0]
+    number = (not isinstance(value, bool) and isinstance(value, int | float)
+              and math.isfinite(value))
+    if not (number and (value > 0 if kind == "mflops" else 0 <= value <= 1)):
+        bound = "a number > 0" if kind == "mflops" else "a number in [0, 1]"
+        raise InvalidParameter(f"parameter 'target_{kind}' must be {bound}, got {value!r}")
+    return Target(kind, float(value))
 
 
 def _mode(value: Any) -> Mode:

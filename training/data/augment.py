@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
@@ -49,6 +51,51 @@ def augment_batch(
     pixel = (batch * h + rows[:, :, None]) * w + cols[:, None, :]  # (B, H, W) flat pixel index
     flat = images.reshape(b * h * w, -1)  # (B*H*W, C)
     return flat.index_select(0, pixel.reshape(-1)).view(images.shape)  # (B, H, W, C)
+
+
+def random_resized_crop(
+    x: torch.Tensor,
+    *,
+    min_area: float,
+    size: int | None = None,
+    flip: bool = True,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Scale augmentation: a random box of each image, resampled to ``size`` (default: its side).
+
+    (B, C, H, W) float -> (B, C, size, size). The box covers an area fraction drawn uniformly from
+    [min_area, 1] with an aspect ratio log-uniform in ``ratio`` (clipped to the image) at a uniform
+    position, mirrored with probability 1/2 when ``flip``: the Inception crop, drawn for the whole
+    batch at once and applied by one ``grid_sample`` (bilinear), so there is no per-image loop.
+    With ``min_area`` = 1 and no flip it returns the input unchanged.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got {tuple(x.shape)}")
+    if not 0 < min_area <= 1:
+        raise ValueError(f"min_area must be in (0, 1], got {min_area}")
+    b, _, h, w = x.shape
+    size = size or h
+    if b == 0 or (min_area == 1 and not flip and size == h == w):
+        return x
+    rand_dev = generator.device if generator is not None else torch.device("cpu")
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, generator=generator, device=rand_dev)
+
+    area = uniform(min_area, 1.0)
+    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))
+    bw = torch.sqrt(area * aspect).clamp(max=1.0)  # box width / image width
+    bh = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (1 - bw) * uniform(-1.0, 1.0)  # box centre in grid coordinates [-1, 1]
+    cy = (1 - bh) * uniform(-1.0, 1.0)
+    sx = torch.where(uniform(0.0, 1.0) < 0.5, -bw, bw) if flip else bw
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, cx
+    theta[:, 1, 1], theta[:, 1, 2] = bh, cy
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def to_tensor(
