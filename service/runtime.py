@@ -296,20 +296,12 @@ class InferenceService:
         with self._lock:
             return self._tau
 
-    def set_tau(self, tau: float, *, manifest: Manifest | None = None) -> float:
-        """Set τ for requests that start from now on; return the previous value.
-
-        ``manifest``: the package τ was chosen for (from a target); a reload since then makes it
-        a 409, since the τ may mean something else on the new package.
-        """
+    def set_tau(self, tau: float) -> float:
+        """Set τ for requests that start from now on; return the previous value."""
         tau = check_tau(tau)
         if not self.serving:
             raise _not_serving()
         with self._lock:
-            if manifest is not None and self._runner is not None \
-                    and self._runner.manifest is not manifest:
-                raise Conflict("the package changed while τ was being chosen; send the target "
-                               "again", code="reload_in_progress")
             previous, self._tau = self._tau, float(tau)
             self._tau_pinned = True
             self.metrics.tau.set(self._tau)

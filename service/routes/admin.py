@@ -81,7 +81,7 @@ async def put_tau(request: Request, service: ReadyServiceDep, settings: Settings
     else:
         assert update.tau is not None  # TauUpdate holds exactly one of the two
         tau = check_tau(update.tau)  # as it is stored: -0.0 comes back as 0.0
-    previous = service.set_tau(tau, manifest=m)
+    previous = service.set_tau(tau)  # no await since reading m: a reload cannot swap in between
     return TauChanged(tau=tau, previous=previous, default_tau=m.activator.default_tau,
                       expected=expected_figures(expected_at(m, tau)), target=update.target)
 

@@ -52,7 +52,7 @@ from service.errors import (
     status_for,
 )
 from service.manifest import Manifest
-from service.routes.classify import server_timing
+from service.routes.classify import query_target, server_timing
 from service.runtime import ImageInput, InferenceService, Mode, check_tau
 from service.schemas import ClassifyResponse, classify_response
 from service.settings import Settings
@@ -400,20 +400,15 @@ def _tau(value: Any) -> float | None:
 
 def _target(params: Parameters) -> Target | None:
     """The one ``target_<kind>`` request parameter, as a ``Target`` (``/classify``'s query)."""
-    given = [(kind, params[f"target_{kind}"]) for kind in TARGET_KINDS
-             if params.get(f"target_{kind}") is not None]
-    if not given:
-        return None
-    if len(given) > 1:
-        raise InvalidParameter("give at most one of the parameters "
-                               + ", ".join(f"target_{k}" for k in TARGET_KINDS))
-    kind, value = given[0]
-    number = (not isinstance(value, bool) and isinstance(value, int | float)
-              and math.isfinite(value))
-    if not (number and (value > 0 if kind == "mflops" else 0 <= value <= 1)):
-        bound = "a number > 0" if kind == "mflops" else "a number in [0, 1]"
-        raise InvalidParameter(f"parameter 'target_{kind}' must be {bound}, got {value!r}")
-    return Target(kind, float(value))
+    values = {kind: params.get(f"target_{kind}") for kind in TARGET_KINDS}
+    for kind, value in values.items():  # V2 parameters are untyped JSON: check what the Query checks
+        number = (not isinstance(value, bool) and isinstance(value, int | float)
+                  and math.isfinite(value))
+        if value is not None and not (number and (value > 0 if kind == "mflops"
+                                                  else 0 <= value <= 1)):
+            bound = "a number > 0" if kind == "mflops" else "a number in [0, 1]"
+            raise InvalidParameter(f"parameter 'target_{kind}' must be {bound}, got {value!r}")
+    return query_target(**values)
 
 
 def _mode(value: Any) -> Mode:
