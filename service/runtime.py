@@ -378,7 +378,8 @@ class InferenceService:
             runner, current_tau = snapshot or self.snapshot()  # read once per request
             if target is not None:
                 if tau is not None:
-                    raise InvalidParameter("give tau or a target for this request, not both")
+                    raise InvalidParameter("give tau or a target for this request, not both",
+                                           code="conflicting_parameters")
                 tau_used = tau_for(runner.manifest, target).tau
             else:
                 tau_used = current_tau if tau is None else check_tau(tau)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
 
 from service.manifest import ActivatorSpec, Component, InputSpec, Manifest, SweepRow, TrainingInfo
 from service.packages import PACKAGE_NAME
@@ -225,22 +231,43 @@ def model_info(manifest: Manifest, current_tau: float, providers: list[str]) -> 
 
 
 # -- admin ---------------------------------------------------------------------------------
-class TauTarget(BaseModel):
+TargetKind = Literal["flop_saving", "max_top1_loss", "mflops"]  # service.sweep.TARGET_KINDS
+# strict: JSON numbers only (no true/false, no "0.5"), as the schema says
+Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)]
+PositiveNumber = Annotated[float, Field(gt=0.0, allow_inf_nan=False, strict=True)]
+
+
+def _one_of(*fields: str) -> dict[str, Any]:
+    """JSON Schema for "exactly one of these properties", which the validators below enforce."""
+    return {"oneOf": [{"required": [f]} for f in fields]}
+
+
+class _NoNulls(BaseModel):
+    """A body whose optional fields are left out, never null (the schema allows no null)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (nulls := [k for k, v in data.items() if v is None]):
+            raise ValueError(f"leave {', '.join(nulls)} out instead of sending null")
+        return data
+
+
+class TauTarget(_NoNulls):
     """One target to choose τ from the package's sweep (exactly one field)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of(*TARGET_KINDS))
 
-    # strict: JSON numbers only (no true/false, no "0.5"), as the schema says
-    flop_saving: float | None = Field(
-        default=None, ge=0.0, le=1.0, allow_inf_nan=False, strict=True, examples=[0.4],
+    flop_saving: Fraction | SkipJsonSchema[None] = Field(
+        default=None, examples=[0.4],
         description="Save at least this fraction of the original model's FLOPs; the most "
         "accurate τ that does.")
-    max_top1_loss: float | None = Field(
-        default=None, ge=0.0, le=1.0, allow_inf_nan=False, strict=True, examples=[0.005],
+    max_top1_loss: Fraction | SkipJsonSchema[None] = Field(
+        default=None, examples=[0.005],
         description="Lose at most this much top-1 against the original (0.005 = half a point); "
         "the cheapest τ that does.")
-    mflops: float | None = Field(
-        default=None, gt=0.0, allow_inf_nan=False, strict=True, examples=[600.0],
+    mflops: PositiveNumber | SkipJsonSchema[None] = Field(
+        default=None, examples=[600.0],
         description="Spend at most this many MFLOPs an image on average; the most accurate τ "
         "that does.")
 
@@ -257,15 +284,13 @@ class TauTarget(BaseModel):
         return Target(kind, float(getattr(self, kind)))
 
 
-class TauUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TauUpdate(_NoNulls):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of("tau", "target"))
 
-    # strict: a JSON number only (no true/false, no "0.5"), as the schema says
-    tau: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False, strict=True,
-                              examples=[0.7],
-                              description="New τ in [0, 1]: 0 runs one head per image, 1 runs "
-                              "all.")
-    target: TauTarget | None = Field(default=None, description="Instead of tau: choose τ from "
+    tau: Fraction | SkipJsonSchema[None] = Field(
+        default=None, examples=[0.7],
+        description="New τ in [0, 1]: 0 runs one head per image, 1 runs all.")
+    target: TauTarget | SkipJsonSchema[None] = Field(default=None, description="Instead of tau: choose τ from "
                                      "the package's τ sweep to meet this target.")
 
     @model_validator(mode="after")
@@ -298,8 +323,9 @@ class TauState(BaseModel):
 
 class TauChanged(TauState):
     previous: float = Field(description="τ before this change.")
-    target: TauTarget | None = Field(default=None, description="The target τ was chosen for, "
-                                     "when one was given.")
+    target: dict[TargetKind, float] | None = Field(
+        default=None, min_length=1, max_length=1, examples=[{"flop_saving": 0.4}],
+        description="The target τ was chosen for, when one was given.")
 
 
 class ReloadRequest(BaseModel):

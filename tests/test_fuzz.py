@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from PIL import Image
 from prometheus_client import CollectorRegistry
+from schemathesis.checks import positive_data_acceptance
 
 from service.app import create_app
 from service.settings import Settings
@@ -60,13 +61,33 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 negative = schema.config.checks.negative_data_rejection
 negative.expected_statuses = [*negative.expected_statuses, "413"]
 
+# Two refusals of schema-valid requests that no OpenAPI schema can express, so positive-data
+# acceptance is not asked of them (every other check still runs on their responses): OpenAPI has no
+# way to say that query parameters exclude each other (`tau` and the `target_*` ones), and whether a
+# target is reachable depends on the loaded package's τ sweep. Request bodies say "exactly one" in
+# their schema (oneOf), so nothing is excused there.
+SWEEP_DEPENDENT = ("conflicting_parameters", "target_unreachable")
+V2_SWEEP_DEPENDENT = ("give tau or a target", "give at most one of target_", "no τ in")
+
+
+def refused_for_what_no_schema_says(response) -> bool:
+    if response.status_code not in (400, 422):
+        return False
+    error = response.json().get("error")
+    if isinstance(error, dict):  # the service's own shape
+        return error.get("code") in SWEEP_DEPENDENT
+    return isinstance(error, str) and error.startswith(V2_SWEEP_DEPENDENT)  # V2's shape
+
 
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
           derandomize=True, database=None)
 def test_api_conforms_to_its_schema(case):
     # The token lets the admin bodies be fuzzed too; the auth checks also send requests without it.
-    case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"})
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    response = case.call(headers=headers)
+    excused = [positive_data_acceptance] if refused_for_what_no_schema_says(response) else None
+    case.validate_response(response, headers=headers, excluded_checks=excused)
 
 
 def test_fuzzing_reached_the_model_and_no_server_error():

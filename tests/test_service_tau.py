@@ -26,7 +26,7 @@ def test_put_tau_target_sets_the_tau_the_sweep_gives(fresh, manifest):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["tau"] == pytest.approx(want.tau)
-    assert body["target"] == {"flop_saving": None, "max_top1_loss": None, "mflops": budget}
+    assert body["target"] == {"mflops": budget}  # what was given, nothing else
     assert body["expected"]["mean_flops"] <= budget * 1e6 * (1 + 1e-9)
     assert registry.get_sample_value("cpcnn_tau") == pytest.approx(want.tau)
     assert client.post("/classify", files=files(png())).json()["tau"] == pytest.approx(want.tau)
@@ -65,6 +65,7 @@ def test_put_tau_unreachable_target_is_422_and_keeps_tau(fresh, manifest):
     {"tau": 0.5, "target": {"flop_saving": 0.1}}, {"target": {}},
     {"target": {"flop_saving": 0.1, "mflops": 10}}, {"target": {"flop_saving": 1.5}},
     {"target": {"mflops": 0}}, {"target": {"flop_saving": "0.1"}}, {"target": {"latency": 1}},
+    {"tau": None}, {"tau": 0.5, "target": None}, {"target": {"mflops": 10, "flop_saving": None}},
 ])
 def test_put_tau_rejects_malformed_targets(fresh, payload):
     client, _ = fresh
@@ -88,8 +89,8 @@ def test_classify_target_per_request_leaves_the_server_tau(served, manifest):
 
 @pytest.mark.parametrize("query, code", [
     ({"target_flop_saving": 0.999}, "target_unreachable"),
-    ({"target_flop_saving": 0.1, "tau": 0.5}, "invalid_parameter"),
-    ({"target_flop_saving": 0.1, "target_mflops": 5}, "invalid_parameter"),
+    ({"target_flop_saving": 0.1, "tau": 0.5}, "conflicting_parameters"),
+    ({"target_flop_saving": 0.1, "target_mflops": 5}, "conflicting_parameters"),
     ({"target_mflops": -1}, "invalid_parameter"),
     ({"target_max_top1_loss": "lots"}, "invalid_parameter"),
 ])

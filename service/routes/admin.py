@@ -6,7 +6,7 @@ learns nothing from a body's validation (FastAPI would parse a JSON body before 
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ValidationError
@@ -35,8 +35,21 @@ Body = TypeVar("Body", bound=BaseModel)
 
 
 def _json_body_doc(model: type[BaseModel], example: dict) -> dict:
+    """The body's schema for ``openapi_extra``, with the models it nests written in place (a
+    reference into its ``$defs`` would point at the OpenAPI document's root)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return {**inline(defs[node["$ref"].rsplit("/", 1)[-1]]),
+                        **{k: inline(v) for k, v in node.items() if k != "$ref"}}
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
     return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": model.model_json_schema(), "example": example}}}}
+        "application/json": {"schema": inline(schema), "example": example}}}}
 
 
 ADMIN_MAX_BODY_BYTES = 64 * 1024  # an admin body is a line of JSON
@@ -83,7 +96,8 @@ async def put_tau(request: Request, service: ReadyServiceDep, settings: Settings
         tau = check_tau(update.tau)  # as it is stored: -0.0 comes back as 0.0
     previous = service.set_tau(tau)  # no await since reading m: a reload cannot swap in between
     return TauChanged(tau=tau, previous=previous, default_tau=m.activator.default_tau,
-                      expected=expected_figures(expected_at(m, tau)), target=update.target)
+                      expected=expected_figures(expected_at(m, tau)),
+                      target=update.target and update.target.model_dump(exclude_none=True))
 
 
 @router.post("/reload", response_model=Reloaded, responses=error_responses(403, 409, 422),

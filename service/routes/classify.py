@@ -98,7 +98,7 @@ def query_target(flop_saving: float | None, max_top1_loss: float | None,
              if value is not None]
     if len(given) > 1:
         raise InvalidParameter("give at most one of target_flop_saving, target_max_top1_loss and "
-                               "target_mflops")
+                               "target_mflops", code="conflicting_parameters")
     return given[0] if given else None
 
 
