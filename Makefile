@@ -12,7 +12,7 @@ PORT ?= 8000
 DEFAULT_MODEL := $(firstword $(wildcard models/tiny-imagenet-200/manifest.json) models/synthetic/manifest.json)
 MODEL_DIR ?= $(patsubst %/,%,$(dir $(DEFAULT_MODEL)))
 
-.PHONY: help serve test lint train-synthetic train-tiny bench bench-probe soak clean
+.PHONY: help serve test lint train-synthetic train-tiny bench bench-probe bench-tau soak clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -61,6 +61,9 @@ $(PROBE_DIR)/manifest.json: | $(VENV)/.dev
 
 bench-probe: $(VENV)/.dev $(PROBE_DIR)/manifest.json  ## the same benchmark on the latency probe (trains it first, ~4 min)
 	$(BIN)/python bench/serve_bench.py --model-dir $(PROBE_DIR) $(BENCH_ARGS)
+
+bench-tau: $(VENV)/.dev $(MODEL_DIR)/manifest.json  ## the τ controller under a load step -> bench/results/tau-control-* (plot)
+	$(BIN)/python bench/tau_control.py --model-dir $(MODEL_DIR) $(BENCH_ARGS)
 
 soak: $(VENV)/.dev $(MODEL_DIR)/manifest.json  ## soak + chaos (reloads, τ changes) on 127.0.0.1 -> bench/results/ (not part of the tests)
 	$(BIN)/python bench/soak.py --model-dir $(MODEL_DIR) $(SOAK_ARGS)

@@ -17,6 +17,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Enum,
     Gauge,
     GCCollector,
     Histogram,
@@ -25,6 +26,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+
+from service.tau_controller import STATES
 
 if TYPE_CHECKING:
     from service.manifest import Manifest
@@ -90,6 +93,18 @@ class Metrics:
         self.head_activations = Counter(f"{p}_head_activations", "Images routed to each head.",
                                         ["head"], registry=r)
         self.tau = Gauge(f"{p}_tau", "Current confusion threshold tau.", registry=r)
+        self.tau_controller_state = Enum(
+            f"{p}_tau_controller_state", "What the tau controller did in its last window (off: "
+            "not running; idle: too few requests to judge).", states=list(STATES), registry=r)
+        self.tau_controller_target = Gauge(
+            f"{p}_tau_controller_target", "The tau controller's target, in base units.",
+            ["quantity"], registry=r)
+        self.tau_controller_measured = Gauge(
+            f"{p}_tau_controller_measured", "The tau controller's measurement in its last window "
+            "with enough requests, in base units.", ["quantity"], registry=r)
+        self.tau_controller_changes = Counter(
+            f"{p}_tau_controller_changes", "Changes of tau made by the controller.", ["direction"],
+            registry=r)
         self.model_info = Info(f"{p}_model", "The model package being served.", registry=r)
         self.ready = Gauge(f"{p}_model_ready",
                                   "1 when the package is loaded and warmed up, else 0.", registry=r)
@@ -105,6 +120,8 @@ class Metrics:
                                  self.original_flops.labels(mode=mode)) for mode in MODES}
         for mode in MODES:
             self.batch_size.labels(mode=mode)
+        for direction in ("up", "down"):
+            self.tau_controller_changes.labels(direction=direction)
         for result in ("ok", "rejected", "timeout"):
             self.reloads.labels(result=result)
         self._heads: dict[int, Counter] = {}

@@ -58,11 +58,14 @@ from service.errors import (
     ModelNotReady,
     StartupError,
 )
+from service.json_fields import CONFLICTING
 from service.manifest import Manifest, PackageError
 from service.metrics import Metrics
 from service.runner import BatchResult, PackageRunner, Prediction, share_thread_pool
 from service.settings import Settings
 from service.sweep import Expected, Target, TargetUnreachable, tau_for_target
+from service.tau_control_loop import ControlLoop
+from service.tau_controller import ControllerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +139,7 @@ class InferenceService:
         self._active = 0  # requests inside _classify (event-loop thread only)
         self.admission = Admission(settings.max_in_flight, settings.max_pixels_in_flight,
                                    metrics.overload_rejections, metrics.decoding_pixels)
+        self.control = ControlLoop(metrics, lambda: self.tau, self._store_tau)
         self._decode_limits = DecodeLimits(  # settings are frozen: built once, not per request
             max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
             max_request_pixels=settings.max_request_pixels, budget_s=settings.decode_budget_s)
@@ -165,6 +169,8 @@ class InferenceService:
         self._draining = False
         self.metrics.set_ready(True)
         logger.info("ready: %s %s, tau %.3f, providers %s", m.name, m.version, tau, runner.providers)
+        if self.settings.tau_controller is not None:
+            self.control.start(self.settings.tau_controller)
 
     def _load(self, package_dir: Path) -> PackageRunner:
         """Load, validate and warm up one package (worker thread); ``PackageError`` says why not."""
@@ -201,8 +207,10 @@ class InferenceService:
         """Load, validate and warm up ``package_dir`` beside the served package, then swap.
 
         Requests keep being served by the old package meanwhile; those in flight at the swap
-        finish on it. τ: one set by an operator (``CPCNN_TAU`` or ``PUT /admin/tau``) is kept;
-        otherwise τ follows the package, i.e. becomes the new package's ``default_tau``.
+        finish on it. τ: with the τ controller on, it carries τ over at the same expected FLOP
+        saving on the new package's sweep; else one set by an operator (``CPCNN_TAU``,
+        ``PUT /admin/tau`` or a stopped controller) is kept; otherwise τ follows the package,
+        i.e. becomes the new package's ``default_tau``.
         ``Conflict``: the package is refused (the old one keeps serving), or another reload runs.
         """
         old = self.runner  # ModelNotReady before start / after close
@@ -237,7 +245,10 @@ class InferenceService:
                 if self._runner is None:  # closed while loading
                     raise _not_serving()
                 previous, self._runner = self._runner, runner
-                if not self._tau_pinned:
+                carried = self.control.rebase(previous.manifest, m)
+                if carried is not None:
+                    self._tau = carried
+                elif not self._tau_pinned:
                     self._tau = m.activator.default_tau
                 tau = self._tau
                 self.metrics.bind_model(m, tau)
@@ -258,6 +269,7 @@ class InferenceService:
     async def aclose(self) -> None:
         """Finish queued micro-batches, stop the batcher and release the package (after ``stop``)."""
         self.stop()
+        await self.control.aclose()
         if self._batcher is not None:
             await self._batcher.stop()
             self._batcher = None
@@ -297,16 +309,35 @@ class InferenceService:
             return self._tau
 
     def set_tau(self, tau: float) -> float:
-        """Set τ for requests that start from now on; return the previous value."""
+        """An operator sets τ for requests that start from now on (the controller, if on, stops:
+        the operator pins τ); return the previous value."""
         tau = check_tau(tau)
         if not self.serving:
             raise _not_serving()
+        self.control.stop("tau set by an operator")
         with self._lock:
-            previous, self._tau = self._tau, float(tau)
+            previous = self._tau
             self._tau_pinned = True
-            self.metrics.tau.set(self._tau)
+        self._store_tau(tau)
         logger.info("tau changed from %.4f to %.4f", previous, tau)
         return previous
+
+    def start_controller(self, config: ControllerConfig) -> None:
+        if not self.serving:
+            raise _not_serving()
+        self.control.start(config)
+
+    def stop_controller(self) -> bool:
+        """Stop the τ controller; τ stays where it left it, as if an operator had set it."""
+        stopped = self.control.stop("stopped by an operator")
+        if stopped:
+            self._tau_pinned = True
+        return stopped
+
+    def _store_tau(self, tau: float) -> None:
+        with self._lock:
+            self._tau = float(tau)
+            self.metrics.tau.set(self._tau)
 
     # -- inference -------------------------------------------------------------------------
     async def classify(self, images: Sequence[ImageInput], *, tau: float | None = None,
@@ -379,7 +410,7 @@ class InferenceService:
             if target is not None:
                 if tau is not None:
                     raise InvalidParameter("give tau or a target for this request, not both",
-                                           code="conflicting_parameters")
+                                           code=CONFLICTING)
                 tau_used = tau_for(runner.manifest, target).tau
             else:
                 tau_used = current_tau if tau is None else check_tau(tau)
@@ -407,6 +438,8 @@ class InferenceService:
                 total_seconds=time.perf_counter() - t0,
             )
             self.metrics.observe_classification(outcome)
+            self.control.observe(outcome.total_seconds,
+                                 sum(image.prediction.flops.total for image in outcome.images))
             return outcome
         finally:
             self._active -= 1

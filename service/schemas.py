@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import (
@@ -13,10 +13,13 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
+from service.json_fields import Fraction, NoNulls, PositiveNumber, one_of
 from service.manifest import ActivatorSpec, Component, InputSpec, Manifest, SweepRow, TrainingInfo
 from service.packages import PACKAGE_NAME
 from service.runtime import ClassifyOutcome, ImageOutcome, Mode
 from service.sweep import TARGET_KINDS, Expected, Target
+from service.tau_controller import ControllerConfig, Quantity, TauController
+from service.tau_controller import State as ControllerState
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -232,31 +235,12 @@ def model_info(manifest: Manifest, current_tau: float, providers: list[str]) -> 
 
 # -- admin ---------------------------------------------------------------------------------
 TargetKind = Literal["flop_saving", "max_top1_loss", "mflops"]  # service.sweep.TARGET_KINDS
-# strict: JSON numbers only (no true/false, no "0.5"), as the schema says
-Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)]
-PositiveNumber = Annotated[float, Field(gt=0.0, allow_inf_nan=False, strict=True)]
 
 
-def _one_of(*fields: str) -> dict[str, Any]:
-    """JSON Schema for "exactly one of these properties", which the validators below enforce."""
-    return {"oneOf": [{"required": [f]} for f in fields]}
-
-
-class _NoNulls(BaseModel):
-    """A body whose optional fields are left out, never null (the schema allows no null)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_nulls(cls, data: Any) -> Any:
-        if isinstance(data, dict) and (nulls := [k for k, v in data.items() if v is None]):
-            raise ValueError(f"leave {', '.join(nulls)} out instead of sending null")
-        return data
-
-
-class TauTarget(_NoNulls):
+class TauTarget(NoNulls):
     """One target to choose τ from the package's sweep (exactly one field)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of(*TARGET_KINDS))
+    model_config = ConfigDict(extra="forbid", json_schema_extra=one_of(*TARGET_KINDS))
 
     flop_saving: Fraction | SkipJsonSchema[None] = Field(
         default=None, examples=[0.4],
@@ -284,8 +268,8 @@ class TauTarget(_NoNulls):
         return Target(kind, float(getattr(self, kind)))
 
 
-class TauUpdate(_NoNulls):
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of("tau", "target"))
+class TauUpdate(NoNulls):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=one_of("tau", "target"))
 
     tau: Fraction | SkipJsonSchema[None] = Field(
         default=None, examples=[0.7],
@@ -323,9 +307,41 @@ class TauState(BaseModel):
 
 class TauChanged(TauState):
     previous: float = Field(description="τ before this change.")
+    controller_stopped: bool = Field(default=False, description="The τ controller was running "
+                                     "and stopped: an operator's τ pins it.")
     target: dict[TargetKind, float] | None = Field(
         default=None, min_length=1, max_length=1, examples=[{"flop_saving": 0.4}],
         description="The target τ was chosen for, when one was given.")
+
+
+class ControllerStatus(BaseModel):
+    """The τ controller now; fields that do not apply (it is off, no window judged yet) are
+    left out."""
+
+    state: ControllerState = Field(description="off: not running; idle: too few requests in the "
+                                   "last window to judge; holding, raising, lowering: what the "
+                                   "last window decided; at_bound: τ is at tau_min or tau_max.")
+    tau: float = Field(description="τ served now.")
+    config: ControllerConfig | SkipJsonSchema[None] = None
+    quantity: Quantity | SkipJsonSchema[None] = Field(
+        default=None, description="What the controller holds, in base units.")
+    target: float | SkipJsonSchema[None] = Field(default=None, description="In `quantity`'s units.")
+    measured: float | SkipJsonSchema[None] = Field(
+        default=None, description="The last window's value with enough requests.")
+    step: float | SkipJsonSchema[None] = Field(default=None, description="The next τ step.")
+    ceiling: float | SkipJsonSchema[None] = Field(
+        default=None, description="A τ that broke the target at about today's request rate: "
+        "not raised to again until the rate changes.")
+    windows: int | SkipJsonSchema[None] = Field(default=None, description="Windows judged.")
+
+    @classmethod
+    def of(cls, controller: TauController | None, tau: float) -> ControllerStatus:
+        if controller is None:
+            return cls(state="off", tau=tau)
+        c = controller
+        return cls(state=c.state, tau=tau, config=c.config, quantity=c.config.quantity,
+                   target=c.config.target, measured=c.measured, step=c.step, ceiling=c.ceiling,
+                   windows=c.windows)
 
 
 class ReloadRequest(BaseModel):

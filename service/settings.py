@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.runner import HEADS_AT_ONCE_MIN_MFLOPS, WIDE_HEAD_MIN_MFLOPS
+from service.tau_controller import ControllerConfig
 
 BYTES_PER_DECODED_PIXEL = 6
 
@@ -114,6 +115,11 @@ class Settings(BaseSettings):
     tau: float | None = Field(
         default=None, ge=0.0, le=1.0, allow_inf_nan=False,
         description="Initial τ; unset: the package's default_tau.",
+    )
+    tau_controller: ControllerConfig | None = Field(
+        default=None,
+        description='Start the τ controller with this JSON, e.g. {"p95_ms": 40, "tau_min": 0.3} '
+        'or {"mflops_per_s": 20000}; unset: off (PUT /admin/tau/controller starts it later).',
     )
     default_top_k: int = Field(default=5, ge=1, description="top_k when a request gives none.")
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="Largest request body.")

@@ -13,9 +13,11 @@ from pydantic import BaseModel, ValidationError
 
 from service.deps import ReadyServiceDep, SettingsDep, require_admin
 from service.errors import InvalidParameter, describe_validation_errors
+from service.json_fields import CONFLICTING
 from service.packages import resolve_package_dir
 from service.runtime import check_tau, tau_for
 from service.schemas import (
+    ControllerStatus,
     ModelRef,
     Reloaded,
     ReloadRequest,
@@ -26,6 +28,7 @@ from service.schemas import (
     expected_figures,
 )
 from service.sweep import expected_at
+from service.tau_controller import ControllerConfig
 from service.upload import check_declared_length, limited_stream
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
@@ -61,9 +64,11 @@ async def _parse(request: Request, model: type[Body], example: str, timeout_s: f
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
+        errors = e.errors()
+        conflict = all(err["type"] == CONFLICTING for err in errors)  # values fine, not together
         raise InvalidParameter(
-            f"{describe_validation_errors(e.errors(), where='body')}; send JSON like "
-            f"{example}") from e
+            f"{describe_validation_errors(errors, where='body')}; send JSON like {example}",
+            code=CONFLICTING if conflict else None) from e
 
 
 @router.get("/tau", response_model=TauState, summary="Current τ and what the sweep predicts for it")
@@ -94,10 +99,42 @@ async def put_tau(request: Request, service: ReadyServiceDep, settings: Settings
     else:
         assert update.tau is not None  # TauUpdate holds exactly one of the two
         tau = check_tau(update.tau)  # as it is stored: -0.0 comes back as 0.0
+    stopping = service.control.active
     previous = service.set_tau(tau)  # no await since reading m: a reload cannot swap in between
     return TauChanged(tau=tau, previous=previous, default_tau=m.activator.default_tau,
-                      expected=expected_figures(expected_at(m, tau)),
+                      expected=expected_figures(expected_at(m, tau)), controller_stopped=stopping,
                       target=update.target and update.target.model_dump(exclude_none=True))
+
+
+@router.get("/tau/controller", response_model=ControllerStatus, response_model_exclude_none=True,
+            summary="The τ controller's state, target and last measurement")
+async def get_controller(service: ReadyServiceDep) -> ControllerStatus:
+    return ControllerStatus.of(service.control.controller, service.tau)
+
+
+@router.put("/tau/controller", response_model=ControllerStatus, response_model_exclude_none=True,
+            responses=error_responses(422),
+            openapi_extra=_json_body_doc(ControllerConfig, {"p95_ms": 40, "tau_min": 0.3}),
+            summary="Start (or reconfigure) the τ controller",
+            description="Body `{\"p95_ms\": 40}` (hold the p95 latency of classify requests "
+            "at or below 40 ms) or `{\"mflops_per_s\": 20000}` (a compute budget), with "
+            "optional `tau_min`, `tau_max` (the bounds τ stays in) and `window_s` (seconds of "
+            "requests per decision, default 10). It starts from the current τ; "
+            "`PUT /admin/tau` or `DELETE /admin/tau/controller` stops it.")
+async def put_controller(request: Request, service: ReadyServiceDep,
+                         settings: SettingsDep) -> ControllerStatus:
+    config = await _parse(request, ControllerConfig, '{"p95_ms": 40, "tau_min": 0.3}',
+                          settings.body_timeout_s)
+    service.start_controller(config)
+    return ControllerStatus.of(service.control.controller, service.tau)
+
+
+@router.delete("/tau/controller", response_model=ControllerStatus,
+               response_model_exclude_none=True,
+               summary="Stop the τ controller; τ stays where it is")
+async def delete_controller(service: ReadyServiceDep) -> ControllerStatus:
+    service.stop_controller()
+    return ControllerStatus.of(None, service.tau)
 
 
 @router.post("/reload", response_model=Reloaded, responses=error_responses(403, 409, 422),

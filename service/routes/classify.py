@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from service.deps import ReadyServiceDep, SettingsDep
 from service.errors import InvalidParameter
+from service.json_fields import CONFLICTING
 from service.runtime import InferenceService, Mode
 from service.schemas import ClassifyResponse, Latency, classify_response, error_responses
 from service.settings import Settings
@@ -98,7 +99,7 @@ def query_target(flop_saving: float | None, max_top1_loss: float | None,
              if value is not None]
     if len(given) > 1:
         raise InvalidParameter("give at most one of target_flop_saving, target_max_top1_loss and "
-                               "target_mflops", code="conflicting_parameters")
+                               "target_mflops", code=CONFLICTING)
     return given[0] if given else None
 
 
