@@ -500,6 +500,18 @@ def tau_for(manifest: Manifest, target: Target,
         raise InvalidParameter(str(e), code="no_tau_sweep") from e
 
 
+def query_target(flop_saving: float | None, max_top1_loss: float | None,
+                 mflops: float | None) -> Target | None:
+    """The one ``target_*`` query parameter given, as a ``Target``; None when none is."""
+    given = [Target(kind, value) for kind, value in
+             (("flop_saving", flop_saving), ("max_top1_loss", max_top1_loss), ("mflops", mflops))
+             if value is not None]
+    if len(given) > 1:
+        raise InvalidParameter("give at most one of target_flop_saving, target_max_top1_loss and "
+                               "target_mflops", code=CONFLICTING)
+    return given[0] if given else None
+
+
 def check_tau(tau: float) -> float:
     tau = float(tau)
     if not 0.0 <= tau <= 1.0:  # also False for NaN

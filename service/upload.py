@@ -87,6 +87,13 @@ def check_declared_length(request: Request, limit: int) -> int | None:
     return length
 
 
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, within ``limit`` bytes and ``timeout_s`` (V2 and admin bodies; /classify
+    streams its multipart parts instead)."""
+    check_declared_length(request, limit)
+    return b"".join([chunk async for chunk in limited_stream(request, limit, timeout_s)])
+
+
 async def read_images(request: Request, *, max_body_bytes: int, max_files: int,
                       body_timeout_s: float) -> list[ImageInput]:
     """The request's images, or a ``ServiceError`` saying what is wrong with the body."""

@@ -2,7 +2,7 @@
 
 The protocol's JSON objects (server/model metadata, inference request and response) plus the
 names, datatypes and shapes of this model's V2 inputs and outputs. The tensor codec (JSON data,
-the binary tensor data extension) lives with the route in ``service.routes.v2``.
+the binary tensor data extension) lives in ``service.v2_codec``.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from service.schemas import (
 )
 from service.sweep import expected_at
 from service.tau_controller import ControllerConfig
-from service.upload import check_declared_length, limited_stream
+from service.upload import read_body
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
                    responses=error_responses(401, 404, 503))
@@ -59,8 +59,7 @@ ADMIN_MAX_BODY_BYTES = 64 * 1024  # an admin body is a line of JSON
 
 
 async def _parse(request: Request, model: type[Body], example: str, timeout_s: float) -> Body:
-    check_declared_length(request, ADMIN_MAX_BODY_BYTES)
-    body = b"".join([c async for c in limited_stream(request, ADMIN_MAX_BODY_BYTES, timeout_s)])
+    body = await read_body(request, ADMIN_MAX_BODY_BYTES, timeout_s)
     try:
         return model.model_validate_json(body)
     except ValidationError as e:

@@ -8,9 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from service.deps import ReadyServiceDep, SettingsDep
-from service.errors import InvalidParameter
-from service.json_fields import CONFLICTING
-from service.runtime import InferenceService, Mode
+from service.runtime import InferenceService, Mode, query_target
 from service.schemas import ClassifyResponse, Latency, classify_response, error_responses
 from service.settings import Settings
 from service.sweep import Target
@@ -89,18 +87,6 @@ TargetMflops = Annotated[float | None, Query(
     gt=0.0, allow_inf_nan=False,
     description="Instead of tau: the most accurate τ that spends at most this many MFLOPs an "
     "image on average, from the package's τ sweep.")]
-
-
-def query_target(flop_saving: float | None, max_top1_loss: float | None,
-                 mflops: float | None) -> Target | None:
-    """The one ``target_*`` query parameter given, as a ``Target``; None when none is."""
-    given = [Target(kind, value) for kind, value in
-             (("flop_saving", flop_saving), ("max_top1_loss", max_top1_loss), ("mflops", mflops))
-             if value is not None]
-    if len(given) > 1:
-        raise InvalidParameter("give at most one of target_flop_saving, target_max_top1_loss and "
-                               "target_mflops", code=CONFLICTING)
-    return given[0] if given else None
 
 
 @router.post(
