@@ -27,6 +27,7 @@ RUN python requirements.py cpu > requirements-cpu.txt \
 FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY modelpack/ modelpack/
 COPY service/ service/
 COPY training/ training/
 COPY export/ export/

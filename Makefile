@@ -12,7 +12,7 @@ PORT ?= 8000
 DEFAULT_MODEL := $(firstword $(wildcard models/tiny-imagenet-200/manifest.json) models/synthetic/manifest.json)
 MODEL_DIR ?= $(patsubst %/,%,$(dir $(DEFAULT_MODEL)))
 
-.PHONY: help serve test lint train-synthetic train-tiny bench bench-probe bench-tau soak clean
+.PHONY: help serve test lint train-synthetic train-tiny bench bench-backends bench-probe bench-tau soak clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -27,7 +27,7 @@ $(VENV)/.serve: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[train,dev,openvino]'
 	touch $@ $(VENV)/.serve
 
 models/synthetic/manifest.json: | $(VENV)/.dev
@@ -40,7 +40,7 @@ test: $(VENV)/.dev  ## run the test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev  ## ruff
-	$(BIN)/ruff check service training export tests bench
+	$(BIN)/ruff check modelpack service training export tests bench
 
 train-synthetic: $(VENV)/.dev  ## rebuild models/synthetic from configs/synthetic.toml (~2 min)
 	$(BIN)/python -m training run --config configs/synthetic.toml --set package.out_dir=models/synthetic --force
@@ -51,8 +51,12 @@ train-tiny: $(VENV)/.dev  ## train the Tiny-ImageNet-200 default model (hours on
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-bench: $(VENV)/.dev $(MODEL_DIR)/manifest.json  ## serving benchmark -> bench/results/ (not part of the tests)
+bench: $(VENV)/.dev $(MODEL_DIR)/manifest.json  ## serving benchmark, then both backends side by side -> bench/results/ (not part of the tests)
 	$(BIN)/python bench/serve_bench.py --model-dir $(MODEL_DIR) $(BENCH_ARGS)
+	$(BIN)/python bench/backends.py --model-dir $(MODEL_DIR)
+
+bench-backends: $(VENV)/.dev $(MODEL_DIR)/manifest.json  ## ONNX Runtime against OpenVINO (fp32, bf16), in-process and served -> bench/results/backends-*
+	$(BIN)/python bench/backends.py --model-dir $(MODEL_DIR) $(BENCH_ARGS)
 
 # A 9x-FLOP package on synthetic data (configs/latency-probe.toml): where compute dominates a request.
 PROBE_DIR := runs/latency-probe/package

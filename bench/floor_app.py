@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image
 from starlette.types import Receive, Scope, Send
 
-from service.runner import PackageRunner, share_thread_pool
+from modelpack.ort_backend import share_thread_pool
+from modelpack.runner import PackageRunner
 from service.settings import Settings
 
 _runner: PackageRunner | None = None

@@ -39,10 +39,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from modelpack.backend import RunnerOptions  # noqa: E402
+from modelpack.manifest import default_model_dir, load_manifest  # noqa: E402
+from modelpack.ort_backend import share_thread_pool  # noqa: E402
+from modelpack.runner import PackageRunner  # noqa: E402
 from service.launch import child_env, free_port, wait_until_ready  # noqa: E402
-from service.manifest import load_manifest  # noqa: E402
-from service.runner import PackageRunner, share_thread_pool  # noqa: E402
-from service.settings import default_model_dir  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MODES = ("conditional", "original")
@@ -50,6 +51,15 @@ BLOCK_SECONDS = 0.5  # at c=1, how long each server has the client before the ne
 
 
 # -- the machine ---------------------------------------------------------------------------------
+def write_results(stem: str, result: dict, report: str) -> None:
+    """``bench/results/<stem>.json`` (every figure) and ``.md`` (the report), and the report on
+    stdout."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(report)
+    print(report)
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or ""
     try:
@@ -323,11 +333,17 @@ def batch_curve(runner: PackageRunner, images: np.ndarray, tau: float,
     return rows
 
 
+def runner_options(config: dict) -> RunnerOptions:
+    """A result row's thread settings (named as the service's settings) as runner options."""
+    named = {"intra_op_threads": "threads"}
+    return RunnerOptions(**{named.get(k, k): v for k, v in config.items()})
+
+
 def _time_configs(model_dir: Path, configs: list[dict], images: np.ndarray, tau: float,
                   rounds: int) -> list[dict]:
     """Batch 1 and batch 32 latency of ``configs``, interleaved round by round in one process so
     that a noisy neighbour hits them all alike."""
-    runners = [PackageRunner(model_dir, verify=False, **c) for c in configs]
+    runners = [PackageRunner(model_dir, runner_options(c), verify=False) for c in configs]
     single: list[list[float]] = [[] for _ in configs]
     batched: list[list[float]] = [[] for _ in configs]
     batch = images[:32]
@@ -387,7 +403,7 @@ def session_costs(model_dir: Path, rounds: int = 5) -> list[dict]:
     """Each kind of ONNX session alone (trunk, clustifier, one head, the original) at batch 1 and
     32 with 1 and 2 intra-op threads, interleaved round by round: what one FLOP costs in time in a
     small session against a large one, i.e. how much of the FLOP saving can become time."""
-    from service.runner import session_options
+    from modelpack.ort_backend import session_options
 
     manifest = load_manifest(model_dir, verify=False)
     parts = {role: c for role, c in manifest.components().items()

@@ -56,9 +56,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.overload import burst, stall_upload  # noqa: E402
 from bench.serve_bench import machine_info  # noqa: E402
+from modelpack.manifest import (  # noqa: E402
+    copy_package,
+    default_model_dir,  # noqa: E402
+    load_manifest,
+)
 from service.launch import child_env, free_port, wait_until_ready  # noqa: E402
-from service.manifest import copy_package, load_manifest  # noqa: E402
-from service.settings import default_model_dir  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 

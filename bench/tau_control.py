@@ -40,8 +40,7 @@ from bench.serve_bench import (  # noqa: E402
     server_total_ms,
     validation_images,
 )
-from service.manifest import load_manifest  # noqa: E402
-from service.settings import default_model_dir  # noqa: E402
+from modelpack.manifest import default_model_dir, load_manifest  # noqa: E402
 
 logger = logging.getLogger("bench.tau_control")
 TOKEN = "bench-tau-control"

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.manifest import Manifest, SweepRow, load_manifest, sha256_file, write_manifest
+from modelpack.manifest import Manifest, SweepRow, load_manifest, sha256_file, write_manifest
 
 CARD = "README.md"
 CLUSTER_PLOT = "cluster_sizes.png"

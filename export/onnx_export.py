@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from export.flops import count_flops, count_params
-from service.runner import session_options
+from modelpack.ort_backend import session_options
 
 logger = logging.getLogger(__name__)
 

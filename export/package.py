@@ -18,7 +18,7 @@ from export.onnx_export import ExportCheckError, ExportReport, export_onnx
 from export.selection import choose_heads
 from export.storage import compare_outputs, store_float16
 from export.timing import relative_time, time_graphs
-from service.manifest import (
+from modelpack.manifest import (
     Accuracy,
     ActivatorSpec,
     Cluster,

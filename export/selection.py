@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from service.manifest import HeadCandidate
+from modelpack.manifest import HeadCandidate
 
 
 def choose_heads(candidates: list[HeadCandidate], tolerance: float) -> list[HeadCandidate]:

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from service.runner import session_options
+from modelpack.ort_backend import session_options
 
 MIN_ELEMENTS = 64  # smaller tensors (biases of tiny layers, shapes) stay as they are
 

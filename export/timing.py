@@ -19,8 +19,8 @@ import numpy as np
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from service.manifest import TimingInfo
-from service.runner import session_options
+from modelpack.manifest import TimingInfo
+from modelpack.ort_backend import session_options
 
 logger = logging.getLogger(__name__)
 

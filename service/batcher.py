@@ -27,7 +27,7 @@ import anyio
 import anyio.to_thread
 import numpy as np
 
-from service.runner import BatchResult, Prediction
+from modelpack.runner import BatchResult, Prediction
 
 logger = logging.getLogger(__name__)
 

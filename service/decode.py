@@ -2,7 +2,7 @@
 
 Two steps, timed separately: ``decode`` (bytes → a loaded Pillow image: first frame of an
 animation, EXIF orientation applied) and ``prepare`` (any mode → RGB → shorter side to S, centre
-crop), which uses the very functions training uses (``service.preprocess``), so the model sees
+crop), which uses the very functions training uses (``modelpack.preprocess``), so the model sees
 pixels prepared the same way in both places.
 
 Untrusted bytes are decoded inside a budget (``DecodeLimits``): declared sizes are checked from the
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from modelpack.preprocess import resize_center_crop, to_rgb
 from service.errors import InvalidImage, LimitExceeded
-from service.preprocess import resize_center_crop, to_rgb
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from prometheus_client import (
 from service.tau_controller import STATES
 
 if TYPE_CHECKING:
-    from service.manifest import Manifest
+    from modelpack.backend import Backend
+    from modelpack.manifest import Manifest
     from service.runtime import ClassifyOutcome
 
 PREFIX = "cpcnn"
@@ -105,7 +106,8 @@ class Metrics:
         self.tau_controller_changes = Counter(
             f"{p}_tau_controller_changes", "Changes of tau made by the controller.", ["direction"],
             registry=r)
-        self.model_info = Info(f"{p}_model", "The model package being served.", registry=r)
+        self.model_info = Info(f"{p}_model", "The model package being served, and the backend "
+                               "and precision that run it.", registry=r)
         self.ready = Gauge(f"{p}_model_ready",
                                   "1 when the package is loaded and warmed up, else 0.", registry=r)
         self.reloads = Counter(f"{p}_reloads", "Hot reloads (POST /admin/reload) by result: ok, "
@@ -127,15 +129,16 @@ class Metrics:
         self._heads: dict[int, Counter] = {}
 
     # -- model lifecycle -------------------------------------------------------------------
-    def bind_model(self, manifest: Manifest, tau: float) -> None:
-        """Describe the served package and create one activation series per head, at 0.
+    def bind_model(self, manifest: Manifest, tau: float, backend: Backend) -> None:
+        """Describe the served package and what runs it; one activation series per head, at 0.
 
         Called at start-up and on every hot reload; series of heads an earlier package had stay
-        (counters never go back), the info metric names the package served now.
+        (counters never go back), the info metric names the package served now and its backend.
         """
         self.model_info.info({"name": manifest.name, "version": manifest.version,
                               "num_classes": str(len(manifest.class_names)),
-                              "num_heads": str(manifest.num_clusters)})
+                              "num_heads": str(manifest.num_clusters),
+                              "backend": backend.name, "precision": backend.precision})
         for head in range(manifest.num_clusters):
             self._heads.setdefault(head, self.head_activations.labels(head=str(head)))
         self.tau.set(tau)

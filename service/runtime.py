@@ -41,6 +41,10 @@ import anyio.to_thread
 import numpy as np
 from PIL import Image
 
+from modelpack.manifest import Manifest, PackageError
+from modelpack.ort_backend import share_thread_pool
+from modelpack.runner import BatchResult, PackageRunner, Prediction
+from modelpack.sweep import Expected, Target, TargetUnreachable, tau_for_target
 from service.admission import Admission
 from service.batcher import BatchSlice, MicroBatcher
 from service.decode import (
@@ -59,11 +63,8 @@ from service.errors import (
     StartupError,
 )
 from service.json_fields import CONFLICTING
-from service.manifest import Manifest, PackageError
 from service.metrics import Metrics
-from service.runner import BatchResult, PackageRunner, Prediction, share_thread_pool
-from service.settings import Settings
-from service.sweep import Expected, Target, TargetUnreachable, tau_for_target
+from service.settings import Settings, runner_options
 from service.tau_control_loop import ControlLoop
 from service.tau_controller import ControllerConfig
 
@@ -124,6 +125,7 @@ class InferenceService:
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
+        self._runner_options = runner_options(settings)
         self.metrics = metrics
         # The lock guards the (runner, τ) pair: requests read both at once, reload and
         # PUT /admin/tau change them at once.
@@ -158,7 +160,7 @@ class InferenceService:
         with self._lock:
             self._runner = runner
             self._tau = tau
-            self.metrics.bind_model(m, tau)
+            self.metrics.bind_model(m, tau, runner.backend)
         if self.settings.batching:
             self._batcher = MicroBatcher(
                 self._run_batch, max_batch_size=self.settings.max_batch_size,
@@ -168,7 +170,8 @@ class InferenceService:
             self._batcher.start()
         self._draining = False
         self.metrics.set_ready(True)
-        logger.info("ready: %s %s, tau %.3f, providers %s", m.name, m.version, tau, runner.providers)
+        logger.info("ready: %s %s, tau %.3f, on %s", m.name, m.version, tau,
+                    runner.backend.describe())
         if self.settings.tau_controller is not None:
             self.control.start(self.settings.tau_controller)
 
@@ -178,21 +181,9 @@ class InferenceService:
         if s.shared_thread_pool:
             share_thread_pool(s.intra_op_threads, s.inter_op_threads)
         try:
-            runner = PackageRunner(
-                package_dir,
-                providers=s.providers or None,
-                intra_op_threads=s.intra_op_threads,
-                inter_op_threads=s.inter_op_threads,
-                head_threads=s.head_threads,
-                head_workers=s.head_workers,
-                wide_head_mflops=s.wide_head_mflops,
-                heads_at_once_mflops=s.heads_at_once_mflops,
-                allow_spinning=s.allow_spinning,
-                verify=s.verify_checksums,
-                io_binding=s.io_binding,
-            )
+            runner = PackageRunner(package_dir, self._runner_options, verify=s.verify_checksums)
             t0 = time.perf_counter()
-            runner.warmup()
+            runner.warmup(max(s.max_batch_size, s.max_files) if s.batching else s.max_files)
             _warm_up_decoders(runner.manifest.input.size, self._decode_limits)
         except PackageError:
             raise
@@ -251,7 +242,7 @@ class InferenceService:
                 elif not self._tau_pinned:
                     self._tau = m.activator.default_tau
                 tau = self._tau
-                self.metrics.bind_model(m, tau)
+                self.metrics.bind_model(m, tau, runner.backend)
             seconds = time.perf_counter() - t0
         # Once its last request is done, the old package's sessions are freed; hand that memory
         # back to the OS, or the allocator's per-thread arenas keep it and each reload adds some.
@@ -489,7 +480,7 @@ class InferenceService:
 
 def tau_for(manifest: Manifest, target: Target,
             within: tuple[float, float] = (0.0, 1.0)) -> Expected:
-    """The τ the package's sweep gives for ``target`` (``service.sweep.tau_for_target``); a 422
+    """The τ the package's sweep gives for ``target`` (``modelpack.sweep.tau_for_target``); a 422
     ``target_unreachable`` naming the best reachable value, or ``no_tau_sweep``."""
     try:
         return tau_for_target(manifest, target, within)

@@ -13,11 +13,11 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
+from modelpack.manifest import ActivatorSpec, Component, InputSpec, Manifest, SweepRow, TrainingInfo
+from modelpack.sweep import TARGET_KINDS, Expected, Target
 from service.json_fields import Fraction, NoNulls, PositiveNumber, one_of
-from service.manifest import ActivatorSpec, Component, InputSpec, Manifest, SweepRow, TrainingInfo
 from service.packages import PACKAGE_NAME
 from service.runtime import ClassifyOutcome, ImageOutcome, Mode
-from service.sweep import TARGET_KINDS, Expected, Target
 from service.tau_controller import ControllerConfig, Quantity, TauController
 from service.tau_controller import State as ControllerState
 
@@ -67,7 +67,9 @@ class FlopsReport(BaseModel):
 
 
 class Latency(BaseModel):
-    """Seconds per stage. Stages that did not run in this mode are null."""
+    """Seconds per stage. Stages that did not run in this mode are null; where the backend
+    runs trunk and clustifier as one graph (OpenVINO), ``trunk`` covers both and
+    ``clustifier`` is null."""
 
     decode: float
     preprocess: float
@@ -183,6 +185,13 @@ class TauInfo(BaseModel):
     current: float = Field(description="τ applied to requests that give none.")
 
 
+class BackendInfo(BaseModel):
+    name: Literal["onnxruntime", "openvino"]
+    precision: Literal["fp32", "bf16"] = Field(description="What the graphs compute in.")
+    providers: list[str] = Field(description="ONNX Runtime execution providers in use; "
+                                 "OpenVINO: its device (CPU).")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -198,14 +207,14 @@ class ModelInfo(BaseModel):
     activator: ActivatorSpec
     tau_sweep: list[SweepRow]
     training: TrainingInfo
-    providers: list[str] = Field(description="ONNX Runtime execution providers in use.")
+    backend: BackendInfo = Field(description="What runs the graphs, and in what precision.")
 
 
 def _component(c: Component) -> ComponentInfo:
     return ComponentInfo(file=c.file, flops=c.flops, params=c.params, architecture=c.architecture)
 
 
-def model_info(manifest: Manifest, current_tau: float, providers: list[str]) -> ModelInfo:
+def model_info(manifest: Manifest, current_tau: float, backend: BackendInfo) -> ModelInfo:
     m = manifest
     member_of: dict[int, list[int]] = {}
     for c in m.clusters:
@@ -229,12 +238,12 @@ def model_info(manifest: Manifest, current_tau: float, providers: list[str]) -> 
         activator=m.activator,
         tau_sweep=list(m.tau_sweep),
         training=m.training,
-        providers=providers,
+        backend=backend,
     )
 
 
 # -- admin ---------------------------------------------------------------------------------
-TargetKind = Literal["flop_saving", "max_top1_loss", "mflops"]  # service.sweep.TARGET_KINDS
+TargetKind = Literal["flop_saving", "max_top1_loss", "mflops"]  # modelpack.sweep.TARGET_KINDS
 
 
 class TauTarget(NoNulls):

@@ -16,7 +16,8 @@ import onnxruntime as ort
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.runner import HEADS_AT_ONCE_MIN_MFLOPS, WIDE_HEAD_MIN_MFLOPS
+from modelpack.backend import RunnerOptions
+from modelpack.manifest import default_model_dir
 from service.tau_controller import ControllerConfig
 
 BYTES_PER_DECODED_PIXEL = 6
@@ -28,14 +29,6 @@ def memory_bytes() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 8 << 30
-
-
-def default_model_dir() -> Path:
-    """The shipped default: the Tiny-ImageNet-200 package when present, else the synthetic one."""
-    for candidate in (Path("models/tiny-imagenet-200"), Path("models/synthetic")):
-        if (candidate / "manifest.json").is_file():
-            return candidate
-    return Path("models/tiny-imagenet-200")
 
 
 class Settings(BaseSettings):
@@ -59,7 +52,15 @@ class Settings(BaseSettings):
         description="ONNX Runtime execution providers in order, comma-separated; empty: CUDA "
         "when available, else CPU.",
     )
-    intra_op_threads: int = Field(default=0, ge=0, description="ORT intra-op threads (0: ORT's default).")
+    backend: Literal["onnxruntime", "openvino", "auto"] = Field(
+        default="onnxruntime", description="What runs the graphs: ONNX Runtime, OpenVINO (needs "
+        "the openvino extra) or auto (OpenVINO where it is installed and the CPU computes bf16, "
+        "else ONNX Runtime; bench/README.md has the measurements).")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        default="auto", description="OpenVINO's compute precision: bf16 is faster and may move a "
+        "close top-1 (the card's bf16 sweep says how much); auto: bf16 where the CPU has it. "
+        "ONNX Runtime always computes in fp32.")
+    intra_op_threads: int = Field(default=0, ge=0, description="Threads per graph (0: one per core).")
     inter_op_threads: int = Field(default=1, ge=0, description="ORT inter-op threads.")
     head_threads: int | None = Field(
         default=None, ge=0, description="ORT intra-op threads of each head session; unset: "
@@ -68,14 +69,14 @@ class Settings(BaseSettings):
         default=2, ge=1, description="Heads of one batch run at once on the CPU (1: one after "
         "another on every core); the small heads share the cores side by side.")
     wide_head_mflops: float = Field(
-        default=WIDE_HEAD_MIN_MFLOPS, ge=0, allow_inf_nan=False, description="Heads of at least this many MFLOPs "
+        default=RunnerOptions.wide_head_mflops, ge=0, allow_inf_nan=False, description="Heads of at least this many MFLOPs "
         "per image also get a session on every core, used when heads run one after another (all "
         "images of a batch go to that head, or too little work for the head pool; with "
         "CPCNN_HEAD_WORKERS > 1 a head otherwise runs on its share of the cores). On 2 "
         "cores a head's work of 19-37 MFLOPs ran as fast on one core as on two, 56 MFLOPs 19% and "
         "168 MFLOPs 38% faster on two; 0 turns it off (bench/README.md).")
     heads_at_once_mflops: float = Field(
-        default=HEADS_AT_ONCE_MIN_MFLOPS, ge=0, allow_inf_nan=False, description="Several heads "
+        default=RunnerOptions.heads_at_once_mflops, ge=0, allow_inf_nan=False, description="Several heads "
         "of a batch go to the head pool (CPCNN_HEAD_WORKERS) only with at least this many MFLOPs "
         "of work in the batch (images x head FLOPs, summed); below, they run one after another "
         "on the calling thread, as the hop to the pool's threads costs more than the overlap "
@@ -232,6 +233,16 @@ class Settings(BaseSettings):
                 f"available: {available}"
             )
         return v
+
+
+def runner_options(s: Settings) -> RunnerOptions:
+    """The runner's options from these settings: built once per load, handed to the runner."""
+    return RunnerOptions(
+        backend=s.backend, precision=s.precision, providers=tuple(s.providers) or None,
+        threads=s.intra_op_threads, inter_op_threads=s.inter_op_threads,
+        allow_spinning=s.allow_spinning, io_binding=s.io_binding, head_workers=s.head_workers,
+        head_threads=s.head_threads, wide_head_mflops=s.wide_head_mflops,
+        heads_at_once_mflops=s.heads_at_once_mflops)
 
 
 @lru_cache

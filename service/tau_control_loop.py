@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from service.manifest import Manifest
+from modelpack.manifest import Manifest
 from service.metrics import Metrics
 from service.tau_controller import ControllerConfig, Decision, TauController
 

@@ -36,9 +36,9 @@ import numpy as np
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from modelpack.manifest import Manifest
+from modelpack.sweep import Target, TargetUnreachable, expected_at, tau_for_target
 from service.json_fields import Fraction, NoNulls, PositiveNumber, conflict, one_of
-from service.manifest import Manifest
-from service.sweep import Target, TargetUnreachable, expected_at, tau_for_target
 
 logger = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ import numpy as np
 from fastapi import Response
 from pydantic import ValidationError
 
+from modelpack.sweep import TARGET_KINDS, Target
 from service.errors import (
     InvalidParameter,
     InvalidRequest,
@@ -38,7 +39,6 @@ from service.errors import (
 from service.runtime import ImageInput, Mode, check_tau, query_target
 from service.schemas import ClassifyResponse
 from service.settings import Settings
-from service.sweep import TARGET_KINDS, Target
 from service.upload import (  # the body limits of /classify, shared
     body_too_large,
     parse_length,

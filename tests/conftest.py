@@ -62,7 +62,7 @@ def make_app(package, **overrides):
 
 @pytest.fixture(scope="module")
 def manifest(synthetic_package):
-    from service.manifest import load_manifest
+    from modelpack.manifest import load_manifest
 
     return load_manifest(synthetic_package)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from service.activator import Activation, Activator, combine, softmax
+from modelpack.activator import Activation, Activator, combine, softmax
 
 # 4 clusters. Column j = where the truth lies when the clustifier predicts j ([true, predicted]).
 CM = np.array([
@@ -193,7 +193,7 @@ def test_select_batch_matches_select():
 def test_fill_scores_unrun_classes_from_the_clustifier():
     """Top-5 fill: classes of heads not run get the clustifier's own probability; the run classes
     share its mass on them in combine's proportions, so their order is kept and the sum is 1."""
-    from service.activator import fill_unrun
+    from modelpack.activator import fill_unrun
 
     clusters = [[0, 1], [2, 3, 4]]
     act = Activation(heads=(0,), weights=(1.0,))

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from bench import floor_app
 from bench.serve_bench import InProcess, batch_curve, drive, encode_png, overhead_room, targets
-from service.runner import PackageRunner
+from modelpack.runner import PackageRunner
 from tests.conftest import SHIPPED_PACKAGE
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from export.card import CARD, sweep_table
-from service.manifest import SweepRow, load_manifest, sha256_file
+from modelpack.manifest import SweepRow, load_manifest, sha256_file
 from training.evaluate import choose_default_tau
 
 ORIGINAL_TOP1 = 0.50

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.preprocess import resize_center_crop, to_rgb
+from modelpack.preprocess import resize_center_crop, to_rgb
 from training.data import (
     DataConfig,
     ImageSet,

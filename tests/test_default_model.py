@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from export.card import CARD, sweep_table
+from modelpack.manifest import default_model_dir, load_manifest
 from service.app import create_app
-from service.manifest import load_manifest
-from service.settings import Settings, default_model_dir
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "models" / "tiny-imagenet-200"

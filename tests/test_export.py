@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from export.onnx_export import ExportCheckError, export_onnx
-from service.runner import session_options
+from modelpack.ort_backend import session_options
 from training.models.heads import HeadArch, HeadNet
 from training.models.resnet import ResNet, ResNetConfig, build_trunk
 

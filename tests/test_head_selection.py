@@ -6,7 +6,7 @@ import torch
 from export.onnx_export import export_onnx
 from export.selection import choose_heads
 from export.timing import relative_time, time_graphs
-from service.manifest import HeadCandidate
+from modelpack.manifest import HeadCandidate
 
 
 def cand(cluster: int, arch: str, accuracy: float, cost: float) -> HeadCandidate:

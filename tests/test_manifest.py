@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from service.manifest import MANIFEST_FILE, Manifest, PackageError, load_manifest
-from service.sweep import expected_at
+from modelpack.manifest import MANIFEST_FILE, Manifest, PackageError, load_manifest
+from modelpack.sweep import expected_at
 
 
 def _edit(package, tmp_path, change):

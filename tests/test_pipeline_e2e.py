@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from service.manifest import load_manifest
-from service.runner import PackageRunner
+from modelpack.manifest import load_manifest
+from modelpack.runner import PackageRunner
 from training.pipeline import STAGES
 
 pytestmark = pytest.mark.slow
@@ -199,7 +199,7 @@ def test_diagnose_compares_the_heads_with_the_original_as_heads(synthetic_run):
 
 def test_a_package_of_another_run_in_out_dir_is_not_this_runs_export(synthetic_run, tmp_path):
     """out_dir held release N while run N+1 trained: its export must not count as done."""
-    from service.manifest import copy_package
+    from modelpack.manifest import copy_package
     from training.config import config_from_dict, config_to_dict
     from training.pipeline import Run
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.runner import PackageRunner
+from modelpack.backend import RunnerOptions
+from modelpack.runner import PackageRunner
 from tests.conftest import SHIPPED_PACKAGE
 
 
@@ -21,9 +22,9 @@ def images() -> np.ndarray:
 
 @pytest.mark.parametrize("tau", [0.0, 0.7, 0.95, 1.0])
 def test_io_binding_gives_the_same_predictions(images, tau):
-    plain = PackageRunner(SHIPPED_PACKAGE, io_binding=False, verify=False)
-    bound = PackageRunner(SHIPPED_PACKAGE, io_binding=True, verify=False)
-    assert not plain.io_binding and bound.io_binding
+    plain = PackageRunner(SHIPPED_PACKAGE, RunnerOptions(io_binding=False), verify=False)
+    bound = PackageRunner(SHIPPED_PACKAGE, RunnerOptions(io_binding=True), verify=False)
+    assert not plain.backend.io_binding and bound.backend.io_binding
     a, b = plain.run(images, tau), bound.run(images, tau)
     if tau < 1:  # images go to different heads: heads run on subsets (the host-gather path)
         assert len({p.activation.heads[0] for p in a.predictions}) > 1
@@ -34,12 +35,12 @@ def test_io_binding_gives_the_same_predictions(images, tau):
 
 
 def test_io_binding_is_off_on_cpu_by_default():
-    assert PackageRunner(SHIPPED_PACKAGE, verify=False).io_binding is False
+    assert PackageRunner(SHIPPED_PACKAGE, verify=False).backend.io_binding is False
 
 
 def test_route_on_shared_outputs_is_run(images):
     """The τ sweep computes trunk + clustifier once and routes per τ: same answers as run()."""
-    from service.runner import normalize
+    from modelpack.runner import normalize
 
     runner = PackageRunner(SHIPPED_PACKAGE, verify=False)
     shared = runner.shared(normalize(images, runner.manifest.input))
@@ -56,7 +57,7 @@ def test_heads_run_at_once_give_the_same_predictions(images, tau):
     """Several heads of a batch on the head pool (the default) or one after another: every
     image gets the same heads, weights and scores."""
     pooled = PackageRunner(SHIPPED_PACKAGE, verify=False)  # the default: two heads at once
-    serial = PackageRunner(SHIPPED_PACKAGE, verify=False, head_workers=1)
+    serial = PackageRunner(SHIPPED_PACKAGE, RunnerOptions(head_workers=1), verify=False)
     assert pooled._head_pool is not None and serial._head_pool is None  # noqa: SLF001
     a, b = pooled.run(images, tau), serial.run(images, tau)
     assert len({h for p in a.predictions for h in p.activation.heads}) > 1  # several groups ran
@@ -82,8 +83,8 @@ def spy_on_head_pool(runner: PackageRunner) -> list[int]:
 def spy_on_wide_heads(runner: PackageRunner) -> list[str]:
     """Record which heads run on their session on every core, in order."""
     calls: list[str] = []
-    for role, session in list(runner._wide_heads.items()):  # noqa: SLF001
-        runner._wide_heads[role] = lambda x, role=role, run=session: calls.append(role) or run(x)  # noqa: SLF001
+    for role, session in list(runner.backend._wide_heads.items()):  # noqa: SLF001
+        runner.backend._wide_heads[role] = lambda x, role=role, run=session: calls.append(role) or run(x)  # noqa: SLF001
     return calls
 
 
@@ -93,8 +94,8 @@ def test_a_lone_images_heads_run_one_after_another(images):
     one image's work and two images', a lone image's heads do, and batches of several images run
     them on the pool. Either way the answers are the serial runner's."""
     one_image = sum(PackageRunner(SHIPPED_PACKAGE, verify=False).head_flops) / 1e6  # τ = 1
-    pooled = PackageRunner(SHIPPED_PACKAGE, verify=False, heads_at_once_mflops=1.5 * one_image)
-    serial = PackageRunner(SHIPPED_PACKAGE, verify=False, head_workers=1)
+    pooled = PackageRunner(SHIPPED_PACKAGE, RunnerOptions(heads_at_once_mflops=1.5 * one_image), verify=False)
+    serial = PackageRunner(SHIPPED_PACKAGE, RunnerOptions(head_workers=1), verify=False)
     mapped = spy_on_head_pool(pooled)
     k = pooled.manifest.num_clusters
     for batch, pool_calls in ((images[:1], []), (images[3:4], []), (images[:2], [k]),
@@ -111,16 +112,16 @@ def test_a_lone_big_head_runs_on_every_core(images):
     """Heads of at least ``wide_head_mflops`` per image also get a session on every core, taken
     when all images of a batch go to that head; the answers are those of the head's own session,
     and a batch with several heads keeps the per-worker sessions (the head pool)."""
-    wide = PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2,
+    wide = PackageRunner(SHIPPED_PACKAGE, RunnerOptions(threads=2,
                          wide_head_mflops=1e-9,  # every head
-                         heads_at_once_mflops=0)  # several heads: always the pool
-    narrow = PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2, wide_head_mflops=0)
-    assert narrow._wide_heads == {}  # noqa: SLF001  (0: off)
+                         heads_at_once_mflops=0), verify=False)  # several heads: always the pool
+    narrow = PackageRunner(SHIPPED_PACKAGE, RunnerOptions(threads=2, wide_head_mflops=0), verify=False)
+    assert narrow.backend._wide_heads == {}  # noqa: SLF001  (0: off)
     head_threads = {role: s.session.get_session_options().intra_op_num_threads
-                    for role, s in wide._wide_heads.items()}  # noqa: SLF001
+                    for role, s in wide.backend._wide_heads.items()}  # noqa: SLF001
     assert set(head_threads) == {f"head{h}" for h in range(wide.manifest.num_clusters)}
     assert set(head_threads.values()) == {2}
-    assert wide._sessions["head0"].session.get_session_options().intra_op_num_threads == 1  # noqa: SLF001
+    assert wide.backend._sessions["head0"].session.get_session_options().intra_op_num_threads == 1  # noqa: SLF001
 
     calls = spy_on_wide_heads(wide)
     lone = [wide.run(img[None], 0.0) for img in images]  # τ = 0: one head per image
@@ -145,54 +146,54 @@ def test_heads_with_enough_work_go_to_the_pool_even_for_a_lone_image(images, lin
     pool; below the line, heads run one after another, each on its session on every core where
     it has one."""
     work = sum(PackageRunner(SHIPPED_PACKAGE, verify=False).head_flops) / 1e6  # a lone image, τ = 1
-    runner = PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2,
-                           wide_head_mflops=1e-9, heads_at_once_mflops=line_over_work * work)
+    runner = PackageRunner(SHIPPED_PACKAGE, RunnerOptions(threads=2,
+                           wide_head_mflops=1e-9, heads_at_once_mflops=line_over_work * work), verify=False)
     mapped, calls = spy_on_head_pool(runner), spy_on_wide_heads(runner)
     got = runner.run(images[:1], 1.0).predictions[0]
     k = runner.manifest.num_clusters
     assert mapped == ([k] if pooled else [])
     assert calls == ([] if pooled else [f"head{h}" for h in range(k)])
-    want = PackageRunner(SHIPPED_PACKAGE, verify=False, head_workers=1).run(images[:1], 1.0)
+    want = PackageRunner(SHIPPED_PACKAGE, RunnerOptions(head_workers=1), verify=False).run(images[:1], 1.0)
     np.testing.assert_allclose(got.scores, want.predictions[0].scores, rtol=1e-5, atol=1e-6)
 
 
 def test_only_heads_big_enough_get_a_session_on_every_core():
     flops = PackageRunner(SHIPPED_PACKAGE, verify=False).head_flops
     line = sorted(flops)[len(flops) // 2] / 1e6  # MFLOPs of the median head
-    runner = PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2, wide_head_mflops=line)
-    assert set(runner._wide_heads) == {f"head{h}" for h, f in enumerate(flops) if f >= line * 1e6}  # noqa: SLF001
-    assert PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2,
-                         wide_head_mflops=max(flops) / 1e6 * 2)._wide_heads == {}  # noqa: SLF001
+    runner = PackageRunner(SHIPPED_PACKAGE, RunnerOptions(threads=2, wide_head_mflops=line), verify=False)
+    assert set(runner.backend._wide_heads) == {f"head{h}" for h, f in enumerate(flops) if f >= line * 1e6}  # noqa: SLF001
+    too_big = RunnerOptions(threads=2, wide_head_mflops=max(flops) / 1e6 * 2)
+    assert PackageRunner(SHIPPED_PACKAGE, too_big, verify=False).backend._wide_heads == {}  # noqa: SLF001
 
 
 def test_no_wide_heads_where_the_heads_have_every_core_already():
-    assert PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2,
-                         head_workers=1)._wide_heads == {}  # noqa: SLF001
-    assert PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=2,
-                         head_threads=2)._wide_heads == {}  # noqa: SLF001
-    assert PackageRunner(SHIPPED_PACKAGE, verify=False, io_binding=True)._wide_heads == {}  # noqa: SLF001
+    assert PackageRunner(SHIPPED_PACKAGE, RunnerOptions(threads=2,
+                         head_workers=1), verify=False).backend._wide_heads == {}  # noqa: SLF001
+    assert PackageRunner(SHIPPED_PACKAGE, RunnerOptions(threads=2,
+                         head_threads=2), verify=False).backend._wide_heads == {}  # noqa: SLF001
+    assert PackageRunner(SHIPPED_PACKAGE, RunnerOptions(io_binding=True), verify=False).backend._wide_heads == {}  # noqa: SLF001
 
 
 def test_head_pool_is_off_with_io_binding():
-    runner = PackageRunner(SHIPPED_PACKAGE, verify=False, io_binding=True, head_workers=2)
+    runner = PackageRunner(SHIPPED_PACKAGE, RunnerOptions(io_binding=True, head_workers=2), verify=False)
     assert runner._head_pool is None  # noqa: SLF001
 
 
 def test_head_threads_default_divides_the_cores_among_head_workers():
     def head_threads(runner):
-        return runner._sessions["head0"].session.get_session_options().intra_op_num_threads  # noqa: SLF001
+        return runner.backend._sessions["head0"].session.get_session_options().intra_op_num_threads  # noqa: SLF001
 
-    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=4)) == 2
-    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=1)) == 1
-    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=4,
-                                      head_workers=1)) == 4
-    assert head_threads(PackageRunner(SHIPPED_PACKAGE, verify=False, intra_op_threads=4,
-                                      head_threads=3)) == 3
+    assert head_threads(PackageRunner(SHIPPED_PACKAGE, RunnerOptions(threads=4), verify=False)) == 2
+    assert head_threads(PackageRunner(SHIPPED_PACKAGE, RunnerOptions(threads=1), verify=False)) == 1
+    assert head_threads(PackageRunner(SHIPPED_PACKAGE, RunnerOptions(threads=4,
+                                      head_workers=1), verify=False)) == 4
+    assert head_threads(PackageRunner(SHIPPED_PACKAGE, RunnerOptions(threads=4,
+                                      head_threads=3), verify=False)) == 3
 
 
 def test_normalize_is_the_training_formula_in_nchw():
-    from service.manifest import InputSpec
-    from service.runner import normalize
+    from modelpack.manifest import InputSpec
+    from modelpack.runner import normalize
 
     spec = InputSpec(size=5, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3])
     images = np.random.default_rng(0).integers(0, 256, (3, 5, 5, 3), dtype=np.uint8)
@@ -207,7 +208,9 @@ def test_normalize_is_the_training_formula_in_nchw():
 _POOL_PROBE = """
 import json, sys
 import numpy as np
-from service.runner import PackageRunner, session_options, share_thread_pool
+from modelpack.backend import RunnerOptions
+from modelpack.ort_backend import session_options, share_thread_pool
+from modelpack.runner import PackageRunner
 from training.data.synthetic import make_synthetic
 
 package, order = sys.argv[1], sys.argv[2]
@@ -224,14 +227,14 @@ elif order == "service":  # the runtime with CPCNN_SHARED_THREAD_POOL=true
 else:  # a session with threads of its own first: too late for a shared pool
     runner = PackageRunner(package, verify=False)
     calls = [share_thread_pool(2, 1)]
-    runner = PackageRunner(package, verify=False, intra_op_threads=4)
+    runner = PackageRunner(package, RunnerOptions(threads=4), verify=False)
 export_check = session_options().use_per_session_threads
 images = make_synthetic(superclasses=4, classes_per_super=3, per_class=2, image_size=32,
                         noise=0.75, seed=1).images
 result = runner.run(images, 0.7)
 print(json.dumps({
-    "calls": calls, "shared": runner.shared_thread_pool, "export_check_own_threads": export_check,
-    "head_session_threads": runner._sessions["head0"].session.get_session_options().intra_op_num_threads,
+    "calls": calls, "shared": runner.backend.shared_thread_pool, "export_check_own_threads": export_check,
+    "head_session_threads": runner.backend._sessions["head0"].session.get_session_options().intra_op_num_threads,
     "heads": [list(p.activation.heads) for p in result.predictions],
     "scores": [p.scores.tolist() for p in result.predictions],
     "original": runner.run_original(images).predictions[0].scores.tolist()}))

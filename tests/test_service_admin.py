@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 import service.deps
+from modelpack.manifest import copy_package
 from service.app import create_app
-from service.manifest import copy_package
 from service.settings import Settings
 from tests.conftest import SHIPPED_PACKAGE
 

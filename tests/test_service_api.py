@@ -208,7 +208,7 @@ def test_model_metadata(served, manifest):
     assert r.status_code == 200
     m = r.json()
     assert {"name", "version", "classes", "clusters", "flops", "tau", "activator", "tau_sweep",
-            "training", "input", "components", "providers"} <= set(m)
+            "training", "input", "components", "backend"} <= set(m)
     assert m["name"] == manifest.name and m["num_classes"] == len(manifest.class_names)
     for c, cm in zip(m["clusters"], manifest.clusters, strict=True):
         assert c["class_names"] == [manifest.class_names[i] for i in cm.classes]
@@ -222,7 +222,8 @@ def test_model_metadata(served, manifest):
     assert m["activator"]["ranking"] == manifest.activator.ranking
     assert [row["tau"] for row in m["tau_sweep"]] == [row.tau for row in manifest.tau_sweep]
     assert m["training"]["dataset"] == manifest.training.dataset
-    assert "CPUExecutionProvider" in m["providers"]
+    assert m["backend"] == {"name": "onnxruntime", "precision": "fp32",
+                            "providers": ["CPUExecutionProvider"]}
 
 
 def test_openapi_documents_responses(served):
@@ -314,7 +315,8 @@ def test_metrics_values_are_exact(fresh, manifest):
     assert get("cpcnn_flops_executed_total", {"mode": "conditional"}) == 0
     assert get("cpcnn_model_info", {"name": manifest.name, "version": manifest.version,
                                     "num_classes": str(len(manifest.class_names)),
-                                    "num_heads": str(k)}) == 1
+                                    "num_heads": str(k), "backend": "onnxruntime",
+                                    "precision": "fp32"}) == 1
     assert get("cpcnn_model_ready") == 1
     r = client.post("/classify?tau=1", files=files(png(), png((0, 255, 0))))
     assert r.status_code == 200

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
+from modelpack.runner import BatchResult, Flops, PackageRunner, Prediction
 from service.app import create_app
 from service.batcher import MicroBatcher
-from service.runner import BatchResult, Flops, PackageRunner, Prediction
 from service.settings import Settings
 
 

@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
+from modelpack.preprocess import resize_center_crop
 from service.app import create_app
 from service.decode import decode, prepare
 from service.errors import InvalidImage, LimitExceeded
-from service.preprocess import resize_center_crop
 from service.settings import Settings
 from tests.test_hostile_input import encode, gradient
 

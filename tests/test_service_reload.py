@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
+from modelpack.manifest import copy_package
 from service.app import create_app
-from service.manifest import copy_package
 from service.settings import Settings
 from tests.conftest import SHIPPED_PACKAGE
 
@@ -76,7 +76,8 @@ def test_reload_swaps_the_package_and_answers_with_it(models_root):
         assert client.get("/readyz").json()["model"]["version"] == B
         assert client.get("/v1/model").json()["version"] == B
         get = registry.get_sample_value
-        info = {"name": "synthetic", "version": B, "num_classes": "12", "num_heads": "4"}
+        info = {"name": "synthetic", "version": B, "num_classes": "12", "num_heads": "4",
+                "backend": "onnxruntime", "precision": "fp32"}
         assert get("cpcnn_model_info", info) == 1
         assert get("cpcnn_model_info", {**info, "version": A}) is None  # the info names B alone
         assert get("cpcnn_reloads_total", {"result": "ok"}) == 1

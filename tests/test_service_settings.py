@@ -6,10 +6,10 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from service.manifest import load_manifest
-from service.runner import HEADS_AT_ONCE_MIN_MFLOPS, WIDE_HEAD_MIN_MFLOPS
+from modelpack.backend import RunnerOptions
+from modelpack.manifest import load_manifest
+from modelpack.sweep import expected_at
 from service.settings import Settings, get_settings
-from service.sweep import expected_at
 from tests.conftest import make_app
 
 
@@ -60,8 +60,8 @@ def test_the_head_pool_line_reaches_the_runner(monkeypatch, synthetic_package):
     """CPCNN_HEADS_AT_ONCE_MFLOPS is the runner's line (machine-dependent, like the threads);
     the settings' defaults are the runner's own."""
     defaults = Settings(model_dir=synthetic_package)
-    assert defaults.heads_at_once_mflops == HEADS_AT_ONCE_MIN_MFLOPS
-    assert defaults.wide_head_mflops == WIDE_HEAD_MIN_MFLOPS
+    assert defaults.heads_at_once_mflops == RunnerOptions.heads_at_once_mflops
+    assert defaults.wide_head_mflops == RunnerOptions.wide_head_mflops
     monkeypatch.setenv("CPCNN_HEADS_AT_ONCE_MFLOPS", "0.25")
     app, _ = make_app(synthetic_package)
     with TestClient(app):

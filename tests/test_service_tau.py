@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.sweep import Target, tau_for_target
+from modelpack.sweep import Target, tau_for_target
 from tests.conftest import AUTH
 from tests.test_service_api import files, png
 from tests.test_service_v2 import bytes_request, infer_url

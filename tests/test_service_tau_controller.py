@@ -13,8 +13,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from service.manifest import copy_package, load_manifest
-from service.sweep import Target, expected_at, tau_for_target
+from modelpack.manifest import copy_package, load_manifest
+from modelpack.sweep import Target, expected_at, tau_for_target
 from service.tau_controller import MIN_REQUESTS, ControllerConfig
 from tests.conftest import AUTH, SHIPPED_PACKAGE, make_app
 from tests.test_service_api import files, png

@@ -1,11 +1,11 @@
-"""τ from a target (service.sweep.tau_for_target) on hand-made sweeps: the rule, edges, refusals."""
+"""τ from a target (modelpack.sweep.tau_for_target) on hand-made sweeps: the rule, edges, refusals."""
 
 from types import SimpleNamespace
 
 import pytest
 
-from service.manifest import SweepRow
-from service.sweep import Target, TargetUnreachable, tau_for_target
+from modelpack.manifest import SweepRow
+from modelpack.sweep import Target, TargetUnreachable, tau_for_target
 
 ORIGINAL_TOP1 = 0.60
 ORIGINAL_FLOPS = 1000e6

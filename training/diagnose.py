@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.activator import Activation, combine, softmax
-from service.manifest import load_manifest
-from service.runner import PackageRunner
+from modelpack.activator import Activation, combine, softmax
+from modelpack.manifest import load_manifest
+from modelpack.runner import PackageRunner
 
 logger = logging.getLogger(__name__)
 

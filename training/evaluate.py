@@ -1,6 +1,6 @@
 """Offline evaluation: the τ sweep over an exported package (stage 9).
 
-It runs the package through ``service.runner.PackageRunner`` — the very runner and activator the
+It runs the package through ``modelpack.runner.PackageRunner`` — the very runner and activator the
 server uses — so the table predicts what serving will do, FLOPs included.
 """
 
@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from service.activator import fill_unrun, softmax
-from service.manifest import (
+from modelpack.activator import fill_unrun, softmax
+from modelpack.backend import RunnerOptions
+from modelpack.manifest import (
     Accuracy,
     Manifest,
     SweepRow,
@@ -22,7 +23,7 @@ from service.manifest import (
     sha256_file,
     write_manifest,
 )
-from service.runner import BatchResult, PackageRunner, Prediction, Shared, normalize
+from modelpack.runner import BatchResult, PackageRunner, Prediction, Shared, normalize
 from training.engine import topk_accuracy
 from training.report import plot_tau_sweep
 
@@ -229,19 +230,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weighting", choices=("confusion", "probability"))
     parser.add_argument("--combination", choices=("eq3", "joint"))
     parser.add_argument("--taus", default="0,0.5,0.7,0.8,0.9,0.95,1")
+    parser.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                        help="what runs the graphs (the server's CPCNN_BACKEND)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="OpenVINO's compute precision (the server's CPCNN_PRECISION)")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     m = load_manifest(args.package_dir)
     options = {k: v for k, v in (("ranking", args.ranking), ("weighting", args.weighting),
                                  ("combination", args.combination)) if v}
     manifest = m.model_copy(update={"activator": m.activator.model_copy(update=options)})
-    runner = PackageRunner(args.package_dir, manifest=manifest)
+    runner = PackageRunner(args.package_dir, RunnerOptions(backend=args.backend,
+                                                           precision=args.precision),
+                           manifest=manifest)
     images, labels = validation_split(m)
-    original_top1 = m.training.original_accuracy.top1
+    orig = _batched(runner.run_original, images, 256, "original")
+    orig_scores = np.stack([p.scores for r in orig for p in r.predictions])
+    original_top1 = topk_accuracy(orig_scores, labels, 1)
     shared = shared_outputs(runner, images)
     rows = [evaluate_tau(runner, images, labels, float(t), original_top1, shared=shared)
             for t in args.taus.split(",")]
-    sys.stdout.write(f"ranking {manifest.activator.ranking}, weighting "
+    sys.stdout.write(f"{runner.backend.describe()}; "
+                     f"original top-5 {100 * topk_accuracy(orig_scores, labels, 5):.2f}%; "
+                     f"ranking {manifest.activator.ranking}, weighting "
                      f"{manifest.activator.weighting}, combination {manifest.activator.combination}; original top-1 {100 * original_top1:.2f}%\n\n"
                      + "\n".join(sweep_table(rows, m.num_clusters, m.activator.default_tau)) + "\n")
     return 0

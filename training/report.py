@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: training runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from service.manifest import SweepRow  # noqa: E402
+from modelpack.manifest import SweepRow  # noqa: E402
 
 
 def plot_cluster_sizes(sizes: Sequence[int], path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ValidationError
 
+from modelpack.sweep import expected_at
 from service.deps import ReadyServiceDep, SettingsDep, require_admin
 from service.errors import InvalidParameter, describe_validation_errors
 from service.json_fields import CONFLICTING
@@ -27,7 +28,6 @@ from service.schemas import (
     error_responses,
     expected_figures,
 )
-from service.sweep import expected_at
 from service.tau_controller import ControllerConfig
 from service.upload import read_body
 

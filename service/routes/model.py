@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.deps import ReadyServiceDep
-from service.schemas import ModelInfo, error_responses, model_info
+from service.schemas import BackendInfo, ModelInfo, error_responses, model_info
 
 router = APIRouter(tags=["model"])
 
@@ -14,4 +14,6 @@ router = APIRouter(tags=["model"])
             summary="The served model package")
 async def get_model(service: ReadyServiceDep) -> ModelInfo:
     runner, tau = service.snapshot()  # one package and its τ, even across a reload
-    return model_info(runner.manifest, tau, runner.providers)
+    b = runner.backend
+    return model_info(runner.manifest, tau, BackendInfo(name=b.name, precision=b.precision,
+                                                        providers=b.providers))

@@ -27,13 +27,13 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.routing import Match
 
+from modelpack.manifest import Manifest
 from service.deps import OptionalServiceDep, ReadyServiceDep, SettingsDep
 from service.errors import (
     ServiceError,
     describe_validation_errors,
     status_for,
 )
-from service.manifest import Manifest
 from service.routes.classify import server_timing
 from service.runtime import InferenceService
 from service.schemas import classify_response

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from service.preprocess import resize_center_crop
+from modelpack.preprocess import resize_center_crop
 from training.data.imageset import ImageSet
 
 _SIDE = 32  # CIFAR images are 32x32

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from service.preprocess import resize_center_crop, to_rgb
+from modelpack.preprocess import resize_center_crop, to_rgb
 
 logger = logging.getLogger(__name__)
 

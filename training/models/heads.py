@@ -227,7 +227,7 @@ class WithClassLogits(nn.Module):
     """A ``ClusterPool`` clustifier that also returns the class logits it pools (for export).
 
     Those are a 200-way classifier computed anyway: the activator's top-5 fill scores the
-    classes of heads not run with them instead of 0 (``service.activator.fill_unrun``).
+    classes of heads not run with them instead of 0 (``modelpack.activator.fill_unrun``).
     """
 
     def __init__(self, net: HeadNet) -> None:

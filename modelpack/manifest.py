@@ -90,14 +90,14 @@ class Cluster(_Strict):
 
 
 class ActivatorSpec(_Strict):
-    """Defaults for ``service.activator.Activator``."""
+    """Defaults for ``modelpack.activator.Activator``."""
 
     default_tau: float = Field(ge=0.0, le=1.0)
     ranking: Literal["confusion", "probability"] = "confusion"
     weighting: Literal["confusion", "probability"] = "confusion"
     combination: Literal["eq3", "joint"] = Field(
         default="eq3", description="eq3: the paper's w_i × softmax(H_i); joint: one softmax over "
-        "the logits of all heads run (service.activator.combine).")
+        "the logits of all heads run (modelpack.activator.combine).")
     smoothing: float = Field(default=1.0, ge=0.0)
     fill: Literal["none", "clustifier"] = Field(
         default="none", description="Scores of the classes of heads not run. none: 0. clustifier: "
@@ -341,3 +341,11 @@ def copy_package(src: Path, dst: Path, *, version: str | None = None) -> Path:
         manifest = read_manifest(dst)
         write_manifest(manifest.model_copy(update={"version": version}), dst)
     return dst
+
+
+def default_model_dir() -> Path:
+    """The shipped default: the Tiny-ImageNet-200 package when present, else the synthetic one."""
+    for candidate in (Path("models/tiny-imagenet-200"), Path("models/synthetic")):
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    return Path("models/tiny-imagenet-200")

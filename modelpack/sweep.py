@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.manifest import Manifest
+from modelpack.manifest import Manifest
 
 FIELDS = ("top1", "top5", "mean_flops", "flop_saving", "mean_heads", "cluster_accuracy")
 
