@@ -12,7 +12,7 @@ PORT ?= 8000
 DEFAULT_MODEL := $(firstword $(wildcard models/tiny-imagenet-200/manifest.json) models/synthetic/manifest.json)
 MODEL_DIR ?= $(patsubst %/,%,$(dir $(DEFAULT_MODEL)))
 
-.PHONY: help serve test lint train-synthetic train-tiny bench bench-backends bench-probe bench-tau soak clean
+.PHONY: help serve serve-ray test lint train-synthetic train-tiny bench bench-backends bench-probe bench-tau soak clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -27,7 +27,7 @@ $(VENV)/.serve: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[train,dev,openvino]'
+	$(BIN)/python -m pip install --quiet -e '.[train,dev,openvino,ray]'
 	touch $@ $(VENV)/.serve
 
 models/synthetic/manifest.json: | $(VENV)/.dev
@@ -35,6 +35,9 @@ models/synthetic/manifest.json: | $(VENV)/.dev
 
 serve: $(VENV)/.serve $(MODEL_DIR)/manifest.json  ## serve the default model on $(HOST):$(PORT)
 	$(BIN)/python -m service --model-dir $(MODEL_DIR) --host $(HOST) --port $(PORT)
+
+serve-ray: $(VENV)/.dev $(MODEL_DIR)/manifest.json  ## serve on a local Ray: 2 replicas on $(HOST):8000 (deploy/ray/serve_config.yaml)
+	CPCNN_MODEL_DIR=$(MODEL_DIR) $(BIN)/serve run deploy/ray/serve_config.yaml
 
 test: $(VENV)/.dev  ## run the test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None, *,
     app.state.metrics = metrics
     app.state.service = None
     app.state.settings = None  # set by the lifespan
+    app.state.fleet = None  # replicas sharing τ and the package (service.fleet); None: this process
     app.state.startup_error = None
     if settings is not None:
         app.dependency_overrides[get_settings] = lambda: settings

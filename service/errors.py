@@ -110,6 +110,12 @@ class ModelNotReady(ServiceError):
     code = "model_not_ready"
 
 
+class FleetUnavailable(ServiceError):
+    """A change the replicas of a scaled-out service could not all apply (``service.fleet``)."""
+
+    code = "fleet_unavailable"
+
+
 class Overloaded(ServiceError):
     """More work in flight than the admission bounds allow (``service.admission``): retry."""
 
@@ -136,6 +142,7 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     ClientClosed: 499,  # nginx's "client closed request": no answer reaches anyone
     ModelNotReady: 503,
     Overloaded: 503,
+    FleetUnavailable: 503,
 }
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}

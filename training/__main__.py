@@ -3,6 +3,8 @@
 Runs the staged pipeline (see ``training.pipeline``); every stage resumes from its artifacts.
 ``python -m training import-original --config C --onnx PKG/original.onnx`` fills stage 1 from a
 shipped package instead of retraining the original (hours on a CPU).
+``torchrun --nproc_per_node N -m training run …`` trains data-parallel on N processes
+(``training.distributed``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import logging
 import sys
 
+from training import distributed as ddp
 from training.config import load_config
 from training.pipeline import STAGES, Run
 
@@ -34,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ddp.setup()
+    if not ddp.is_main():  # one log: rank 0's (the others' warnings and errors still show)
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "import-original":
@@ -44,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         logging.getLogger("training").error("%s", e)
         return 2
+    finally:
+        ddp.teardown()
     return 0
 
 

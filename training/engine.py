@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from training import distributed as ddp
 from training import precision as prec
 from training.config import OptimConfig
 from training.data import augment_batch, random_resized_crop, to_tensor
@@ -124,6 +125,8 @@ def fit(
     epoch. ``frozen`` modules stay in eval mode (a frozen trunk's BatchNorm must not move).
     ``cfg.precision`` = "bf16" runs ``forward`` under bf16 autocast on channels_last tensors; the
     weights, the optimizer and the loss stay fp32, and ``module`` is handed back contiguous.
+    Under ``torchrun`` each process takes its share of every global batch and gradients are
+    averaged before each step (``training.distributed``); only rank 0 writes the checkpoint.
     """
     precision = prec.resolve(cfg.precision)
     for m in (module, *frozen):
@@ -144,6 +147,8 @@ def fit(
         sched.load_state_dict(state["scheduler"])
         start = state["epoch"]
         logger.info("%s: resuming from %s at epoch %d/%d", desc, checkpoint, start, cfg.epochs)
+    ddp.broadcast_module(module)  # every process starts from rank 0's weights
+    world = ddp.world_size()
     all_labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     for epoch in range(start, cfg.epochs):
         module.train()
@@ -152,34 +157,45 @@ def fit(
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)  # resumable, reproducible order
         order = torch.randperm(n, generator=gen)[:per_epoch]
         seen, seen_labelled, correct, loss_sum = 0, 0, 0, 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False)
+        bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not ddp.is_main() or None)
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x = prec.layout(transform(inputs[idx], gen, epoch), precision)
+            x = transform(inputs[idx], gen, epoch)
+            if world > 1:  # the transform drew for the whole global batch (every process's
+                mine = ddp.shard(torch.arange(len(idx)))  # generator stays in step); keep a share
+                idx, x = idx[mine], x[mine]
+            x = prec.layout(x, precision)
             y = all_labels[idx]
-            with prec.autocast(precision):
-                logits, teacher = forward(x, idx)
-            logits = logits.float()  # the loss in fp32 whatever the forward ran in
-            teacher = None if teacher is None else teacher.float()
-            loss = loss_fn(logits, y, teacher, cfg)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(idx):
+                with prec.autocast(precision):
+                    logits, teacher = forward(x, idx)
+                logits = logits.float()  # the loss in fp32 whatever the forward ran in
+                teacher = None if teacher is None else teacher.float()
+                loss = loss_fn(logits, y, teacher, cfg)
+                loss.backward()
+                labelled = y != IGNORE
+                seen += len(y)
+                seen_labelled += int(labelled.sum())
+                correct += int(((logits.argmax(1) == y) & labelled).sum())
+                loss_sum += float(loss.detach()) * len(y)
+            ddp.average_gradients(module.parameters())
             opt.step()
             sched.step()
-            labelled = y != IGNORE
-            seen += len(y)
-            seen_labelled += int(labelled.sum())
-            correct += int(((logits.argmax(1) == y) & labelled).sum())
-            loss_sum += float(loss.detach()) * len(y)
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}",
+                bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}",
                                 acc=f"{correct / max(seen_labelled, 1):.3f}")
+        ddp.average_buffers(module)  # one set of BatchNorm statistics for every process
+        seen, seen_labelled, correct, loss_sum = ddp.total(seen, seen_labelled, correct, loss_sum)
         logger.info("%s epoch %d/%d (%s): loss %.4f, train acc %.4f", desc, epoch + 1, cfg.epochs,
                     precision, loss_sum / max(seen, 1), correct / max(seen_labelled, 1))
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"model": module.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "epoch": epoch + 1}, tmp)
-        tmp.replace(checkpoint)  # atomic: a kill mid-write never corrupts the checkpoint
+        if ddp.is_main():
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"model": module.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "epoch": epoch + 1}, tmp)
+            tmp.replace(checkpoint)  # atomic: a kill mid-write never corrupts the checkpoint
+        ddp.barrier()
     for m in (module, *frozen):
         prec.prepare(m, "fp32")  # evaluation and export see ordinary contiguous weights
     module.eval()

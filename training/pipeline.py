@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from training import distributed as ddp
 from training import precision as prec
 from training.clustering import linkage_clusters, spectral_clusters
 from training.config import RunConfig, config_from_dict, config_to_dict
@@ -43,6 +44,7 @@ from training.similarity import class_similarity, confusion_matrix
 
 logger = logging.getLogger(__name__)
 
+TRAINED = ("original", "clustifier", "heads")  # under torchrun, every process runs these
 STAGES = ("original", "similarity", "clustering", "trunk", "clustifier", "heads", "confusion",
           "export", "sweep")
 
@@ -103,7 +105,8 @@ class Run:
         return cls(config_from_dict(json.loads(path.read_text())))
 
     def save_config(self) -> None:
-        _write_json(self.dir / "config.json", config_to_dict(self.cfg))
+        if ddp.is_main():
+            _write_json(self.dir / "config.json", config_to_dict(self.cfg))
 
     # -- data -----------------------------------------------------------------------------------
     @cached_property
@@ -190,7 +193,9 @@ class Run:
                 continue
             t0 = time.perf_counter()
             logger.info("stage %-10s starting", stage)
-            getattr(self, f"stage_{stage}")()
+            if stage in TRAINED or ddp.is_main():  # under torchrun the others wait for rank 0
+                getattr(self, f"stage_{stage}")()
+            ddp.barrier()  # the stage's files are written before any process reads them
             logger.info("stage %-10s done in %.1f s", stage, time.perf_counter() - t0)
 
     def stage_original(self) -> None:
@@ -235,6 +240,8 @@ class Run:
 
     def _save_original(self, model: ResNet, **extra: str) -> None:
         """Stage 1's artifact: the model with its validation accuracy (trained or imported)."""
+        if not ddp.is_main():
+            return
         val_images, val_labels = self.part("val")
         logits = predict(model, val_images, desc="original val", **self.norm)
         acc = {"top1": topk_accuracy(logits, val_labels, 1), "top5": topk_accuracy(logits, val_labels, 5)}
@@ -339,7 +346,7 @@ class Run:
         cache = self.dir / "features"
         paths = {k: cache / f"train_{k}.npy" for k in ("features", "teacher", "labels")}
         flips = (False, True)[:self.feature_copies]
-        if not all(p.exists() for p in paths.values()):
+        if not all(p.exists() for p in paths.values()) and ddp.is_main():
             cache.mkdir(exist_ok=True)
             images, labels = self.part("train")
             model = self.load_original()
@@ -367,6 +374,7 @@ class Run:
             paths["features"].with_suffix(".tmp").replace(paths["features"])
             np.save(paths["teacher"], teacher)
             np.save(paths["labels"], np.concatenate([labels] * len(flips)))
+        ddp.barrier()  # under torchrun, rank 0 wrote the cache for every process
         # Copy-on-write map: pages come from the file on demand, nothing is written back.
         feats = torch.from_numpy(np.load(paths["features"], mmap_mode="c"))
         teacher_t = torch.from_numpy(np.load(paths["teacher"]))
@@ -400,7 +408,8 @@ class Run:
             transform=feature_transform(self.cfg.clustifier_optim),
             checkpoint=self.dir / "clustifier.ckpt.pt", seed=self.cfg.seed + 1,
             desc="clustifier", epoch_size=len(feats) // self.feature_copies)
-        torch.save(net.state_dict(), self.dir / "clustifier.pt")
+        if ddp.is_main():
+            torch.save(net.state_dict(), self.dir / "clustifier.pt")
 
     def stage_heads(self) -> None:
         """6. One head per cluster and family member; export keeps the cheapest within tolerance."""
@@ -448,7 +457,8 @@ class Run:
                         checkpoint=path.with_suffix(".ckpt.pt"),
                         seed=self.cfg.seed + 100 + ci, desc=f"head c{ci} {arch.name}",
                         epoch_size=len(head_feats) // self.feature_copies)
-                    torch.save(net.state_dict(), path)
+                    if ddp.is_main():
+                        torch.save(net.state_dict(), path)
                 net.eval()
                 with torch.no_grad():
                     logits = torch.cat([net(chunk) for chunk in cal_feats[cal_sel].split(256)])
@@ -458,7 +468,8 @@ class Run:
                 logger.info("cluster %d head %-12s calib acc %.4f, %.2f MFLOPs", ci, arch.name,
                             acc, flops / 1e6)
             report["candidates"] += [c.__dict__ for c in candidates]
-        _write_json(self.dir / "heads.json", report)  # export times them and picks one per cluster
+        if ddp.is_main():  # export times them and picks one per cluster
+            _write_json(self.dir / "heads.json", report)
 
     def stage_confusion(self) -> None:
         """7. Clustifier confusion matrix on the calibration split (never on training data)."""

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from modelpack.sweep import expected_at
 from service.deps import ReadyServiceDep, SettingsDep, require_admin
 from service.errors import InvalidParameter, describe_validation_errors
+from service.fleet import publish_reload
 from service.json_fields import CONFLICTING
 from service.packages import resolve_package_dir
 from service.runtime import check_tau, tau_for
@@ -99,7 +100,12 @@ async def put_tau(request: Request, service: ReadyServiceDep, settings: Settings
         assert update.tau is not None  # TauUpdate holds exactly one of the two
         tau = check_tau(update.tau)  # as it is stored: -0.0 comes back as 0.0
     stopping = service.control.active
-    previous = service.set_tau(tau)  # no await since reading m: a reload cannot swap in between
+    fleet = request.app.state.fleet
+    if fleet is None:
+        previous = service.set_tau(tau)  # no await since reading m: a reload cannot swap in between
+    else:  # every replica, this one included, sets it (service.fleet)
+        previous = service.tau
+        await fleet.publish(tau=tau)
     return TauChanged(tau=tau, previous=previous, default_tau=m.activator.default_tau,
                       expected=expected_figures(expected_at(m, tau)), controller_stopped=stopping,
                       target=update.target and update.target.model_dump(exclude_none=True))
@@ -151,7 +157,12 @@ async def reload_package(request: Request, service: ReadyServiceDep,
     body = await _parse(request, ReloadRequest, '{"package": "<directory in the models root>"}',
                         settings.body_timeout_s)
     assert settings.models_root is not None  # filled in by Settings
-    outcome = await service.reload(resolve_package_dir(settings.models_root, body.package))
+    package_dir = resolve_package_dir(settings.models_root, body.package)
+    fleet = request.app.state.fleet
+    if fleet is None:
+        outcome = await service.reload(package_dir)
+    else:  # every replica, this one included, reloads (service.fleet)
+        outcome = await publish_reload(fleet, service, package_dir)
     m, old = outcome.manifest, outcome.previous
     return Reloaded(model=ModelRef(name=m.name, version=m.version),
                     previous=ModelRef(name=old.name, version=old.version), tau=outcome.tau,
