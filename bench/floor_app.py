@@ -25,9 +25,8 @@ import numpy as np
 from PIL import Image
 from starlette.types import Receive, Scope, Send
 
-from modelpack.ort_backend import share_thread_pool
 from modelpack.runner import PackageRunner
-from service.settings import Settings
+from service.settings import Settings, runner_options
 
 _runner: PackageRunner | None = None
 _tau = 0.0  # CPCNN_TAU or the package's default, read at start-up
@@ -35,10 +34,8 @@ _tau = 0.0  # CPCNN_TAU or the package's default, read at start-up
 
 def _load() -> None:
     global _runner, _tau
-    settings = Settings()  # the service's thread settings, so the floor runs the model alike
-    if settings.shared_thread_pool:
-        share_thread_pool(settings.intra_op_threads, settings.inter_op_threads)
-    runner = PackageRunner(os.environ["CPCNN_MODEL_DIR"], verify=False)
+    settings = Settings()  # the service's runner options, so the floor runs the model alike
+    runner = PackageRunner(os.environ["CPCNN_MODEL_DIR"], runner_options(settings), verify=False)
     runner.warmup()
     _tau = float(os.environ.get("CPCNN_TAU", runner.manifest.activator.default_tau))
     _runner = runner

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import io
 import json
-import multiprocessing
 import os
 import platform
 import statistics
@@ -29,7 +28,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +39,6 @@ sys.path.insert(0, str(ROOT))
 
 from modelpack.backend import RunnerOptions  # noqa: E402
 from modelpack.manifest import default_model_dir, load_manifest  # noqa: E402
-from modelpack.ort_backend import share_thread_pool  # noqa: E402
 from modelpack.runner import PackageRunner  # noqa: E402
 from service.launch import child_env, free_port, wait_until_ready  # noqa: E402
 
@@ -364,26 +361,6 @@ def _time_configs(model_dir: Path, configs: list[dict], images: np.ndarray, tau:
             for c, one, many in zip(configs, single, batched, strict=True)]
 
 
-def _shared_pool_tables(model_dir: Path, images: np.ndarray, tau: float) -> tuple[list, list]:
-    """In the child process: set the shared pool up, then raw compute, and the thread-table
-    rows with heads one after another or two at once."""
-    share_thread_pool()
-    raw = time_runner(PackageRunner(model_dir, verify=False), images, tau)
-    configs = [{"head_workers": w} for w in (1, 2)]
-    rows = [{**row, "pool": "shared"}
-            for row in _time_configs(model_dir, configs, images, tau, rounds=6)]
-    return raw, rows
-
-
-def shared_pool_tables(model_dir: Path, images: np.ndarray, tau: float) -> tuple[list, list]:
-    """Raw compute and the thread-table rows on the shared pool, measured in a fresh process:
-    ONNX Runtime fixes the pool per process, and this one gives each session its own threads,
-    as the servers do by default."""
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=spawn) as child:
-        return child.submit(_shared_pool_tables, model_dir, images, tau).result()
-
-
 def thread_settings(model_dir: Path, images: np.ndarray, tau: float, rounds: int = 6) -> list[dict]:
     """A pool per session: ORT intra-op threads × spinning, and head threads × heads at once.
     Spinning runners are timed alone (their threads keep spinning after a run and would slow
@@ -445,13 +422,10 @@ def markdown(result: dict) -> str:
               f"{result['image_size']} px) per request; {result['images']} validation images.", "",
               "Latency is measured by the client (send to last byte); 'server p50' is the server's "
               "own time (`Server-Timing: total`, request body read to response built). ⇄: one "
-              "client went over all the c=1 ⇄ rows for half a cell's time per server, five servers up "
-              "at once and the raw compute in-process, taking the servers in turn for "
+              "client went over all the c=1 ⇄ rows for half a cell's time per server, three servers "
+              "up at once and the raw compute in-process, taking the servers in turn for "
               f"{BLOCK_SECONDS:g} s each and alternating a server's two modes request by request "
-              "in a random order (side by side); 'not "
-              "inline': `CPCNN_INLINE_WHEN_IDLE=false` (every model run in a worker thread); "
-              "'shared ORT pool': `CPCNN_SHARED_THREAD_POOL=true`; "
-              "'floor': a framework-free ASGI app around the same runner (`bench/floor_app.py`), "
+              "in a random order (side by side); 'floor': a framework-free ASGI app around the same runner (`bench/floor_app.py`), "
               "what any Python server on this machine pays for the same work; 'raw compute "
               "in-process': the bench's own package runner on the already decoded image, no HTTP, "
               "taking its turn with the servers (its 'server p50' is the run alone, the raw compute "
@@ -465,10 +439,6 @@ def markdown(result: dict) -> str:
             batching = "raw compute in-process"
         elif r.get("floor"):
             batching = "floor (bare ASGI)"
-        elif not r.get("inline_when_idle", True):
-            batching += ", not inline"
-        elif r.get("shared_thread_pool"):
-            batching += ", shared ORT pool"
         lines.append(f"| {batching} | {r['mode']}{' ⇄' if r.get('interleaved') else ''} | "
                      f"{r['concurrency']} | "
                      f"{r['requests']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.2f} | "
@@ -491,22 +461,13 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['batch']} | {r['conditional_ms']:.2f} | {r['original_ms']:.2f} | "
                          f"{r['ratio']:.2f} | "
                          + " | ".join(f"{r['stages_ms'][k]:.2f}" for k in stage_names) + " |")
-    if result.get("raw_shared_pool"):
-        lines += ["", "Raw compute on one shared ORT thread pool (`CPCNN_SHARED_THREAD_POOL=true`; "
-                  "in a fresh process, after the table above):", "",
-                  "| mode | p50 ms | p95 ms |", "|---|---|---|"]
-        for r in result["raw_shared_pool"]:
-            lines.append(f"| {r['mode']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} |")
-    lines += ["", "ONNX Runtime thread settings (in-process, conditional; the shared pool's rows in "
-              "a fresh process, after the others):", "",
+    lines += ["", "ONNX Runtime thread settings (in-process, conditional; bench experiments, "
+              "not settings: `modelpack.backend.RunnerOptions`):", "",
               "| thread pool | intra-op threads | spinning | head threads | heads at once | batch 1 p50 ms | batch 32 ms | batch 32 images/s |",
               "|---|---|---|---|---|---|---|---|"]
     for r in result["threads"]:
-        if r.get("pool") == "shared":  # ORT's global pool: a thread per core, spinning on
-            threads = f"| shared | {m['cores']} | ORT default | shared |"
-        else:
-            threads = (f"| per session | {r['intra_op_threads']} | {r['allow_spinning']} | "
-                       f"{r.get('head_threads', r['intra_op_threads'])} |")
+        threads = (f"| per session | {r['intra_op_threads']} | {r['allow_spinning']} | "
+                   f"{r.get('head_threads', r['intra_op_threads'])} |")
         lines.append(f"{threads} {r.get('head_workers', 1)} | {r['batch1_p50_ms']:.2f} | "
                      f"{r['batch32_ms']:.1f} | {r['batch32_images_per_s']:.0f} |")
     if result.get("sessions"):
@@ -558,9 +519,7 @@ def _room_detail(room: float, overheads: dict[str, float]) -> str:
 def targets(result: dict) -> list[dict]:
     def cell(batching: bool, mode: str, c: int) -> dict | None:
         return next((r for r in result["served"] if r["batching"] == batching and r["mode"] == mode
-                     and r["concurrency"] == c and r.get("inline_when_idle", True)
-                     and not r.get("floor") and not r.get("shared_thread_pool")
-                     and not r.get("raw")
+                     and r["concurrency"] == c and not r.get("floor") and not r.get("raw")
                      and (c == 1 or not r.get("interleaved"))), None)
 
     def floor(mode: str) -> dict | None:
@@ -574,10 +533,6 @@ def targets(result: dict) -> list[dict]:
             return beside["server_p50_ms"]
         return next(r for r in result["raw"] if r["mode"] == mode)["p50_ms"]
 
-    def shared(mode: str) -> dict | None:
-        return next((r for r in result["served"] if r.get("shared_thread_pool")
-                     and r["mode"] == mode and r["concurrency"] == 1), None)
-
     out = []
     cond, orig = cell(True, "conditional", 1), cell(True, "original", 1)
     if cond and orig:
@@ -589,9 +544,6 @@ def targets(result: dict) -> list[dict]:
         if floor_cond and floor_orig:
             detail += (f"; the floor server: {floor_cond['p50_ms']:.2f} ms vs bound "
                        f"{floor_orig['p50_ms'] * (1 - 0.8 * saving):.2f} ms")
-        if shared("conditional") and shared("original"):
-            detail += (f"; with the shared ORT pool: {shared('conditional')['p50_ms']:.2f} ms vs "
-                       f"bound {shared('original')['p50_ms'] * (1 - 0.8 * saving):.2f} ms")
         raw, raw_orig = raw_ms("conditional"), raw_ms("original")
         overheads = {"the service": cond["p50_ms"] - raw}
         if floor_cond:
@@ -611,12 +563,6 @@ def targets(result: dict) -> list[dict]:
         if floor_cond:
             detail += (f"; the floor server: {floor_cond['p50_ms']:.2f} ms = "
                        f"{floor_cond['p50_ms'] / raw:.2f}×")
-        shared_raw = next((r for r in result.get("raw_shared_pool") or ()
-                           if r["mode"] == "conditional"), None)
-        if shared("conditional") and shared_raw:
-            detail += (f"; with the shared ORT pool: {shared('conditional')['p50_ms']:.2f} ms vs "
-                       f"its raw {shared_raw['p50_ms']:.2f} ms = "
-                       f"{shared('conditional')['p50_ms'] / shared_raw['p50_ms']:.2f}×")
         detail += "; " + _room_detail(0.3 * raw, overheads)
         out.append({"name": "server p50 ≤ 1.3 × raw ORT compute at c=1 (stretch 1.15)",
                     "ok": cond["p50_ms"] <= 1.3 * raw, "detail": detail,
@@ -651,24 +597,19 @@ def main() -> int:
                     "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "seconds": args.seconds, "concurrency": levels, "images": len(images),
                     "image_size": manifest.input.size, "served": []}
-    # Five servers up at once: the default (batching on), batching off, batching on with every
-    # model run in a worker thread (CPCNN_INLINE_WHEN_IDLE=false), batching on with one shared
-    # ORT thread pool (CPCNN_SHARED_THREAD_POOL=true), and the framework-free floor around the
-    # same runner (bench/floor_app.py). At c=1 one client goes over all (server, mode) pairs and
+    # Three servers up at once: the default (batching on), batching off, and the framework-free
+    # floor around the same runner (bench/floor_app.py). At c=1 one client goes over all (server, mode) pairs and
     # the raw compute in-process (``InProcess``; the servers and it in turns of BLOCK_SECONDS, a
     # server's modes request by request), so the c=1 figures the targets compare are measured
     # side by side; at higher concurrency each (server, mode) has the machine alone.
     runner = PackageRunner(model_dir, verify=False)  # raw compute, with the servers' settings
     servers: list[Server] = []
     try:
-        for batching, inline, shared in ((True, True, False), (False, True, False),
-                                         (True, False, False), (True, True, True)):
+        for batching in (True, False):
             servers.append(Server(
                 model_dir, {"CPCNN_BATCHING": str(batching).lower(), "CPCNN_TAU": str(tau),
-                            "CPCNN_MAX_BATCH_DELAY_MS": args.max_batch_delay_ms,
-                            "CPCNN_INLINE_WHEN_IDLE": str(inline).lower(),
-                            "CPCNN_SHARED_THREAD_POOL": str(shared).lower()},
-                batching=batching, inline_when_idle=inline, shared_thread_pool=shared))
+                            "CPCNN_MAX_BATCH_DELAY_MS": args.max_batch_delay_ms},
+                batching=batching))
         # The floor: no framework, the same runner (bench/floor_app.py), only at c=1.
         floor = Server(model_dir, {"CPCNN_TAU": str(tau)}, app="bench.floor_app:app",
                        batching=False, floor=True)
@@ -677,7 +618,7 @@ def main() -> int:
             if c == 1:  # raw compute in-process takes its turn with the servers
                 in_process = InProcess(runner, images, bodies, tau)
                 runs = [[(server, mode) for server in (*servers, in_process) for mode in MODES]]
-            else:  # the inline switch, the shared pool and the floor: for a request alone
+            else:  # the floor: for a request alone
                 runs = [[(server, mode)] for server in servers[:2] for mode in MODES]
             for targets_ in runs:  # side by side at c=1: half a cell's time per server
                 seconds = args.seconds * (max(1, len(targets_) / 4) if c == 1 else len(targets_))
@@ -691,8 +632,6 @@ def main() -> int:
     result["batch_sizes"] = batch_curve(runner, images, tau)
     result["threads"] = thread_settings(model_dir, images, tau)
     result["sessions"] = session_costs(model_dir)
-    result["raw_shared_pool"], shared_rows = shared_pool_tables(model_dir, images, tau)
-    result["threads"] += shared_rows
     result["targets"] = targets(result)
     RESULTS.mkdir(parents=True, exist_ok=True)
     gpu = "gpu" if result["machine"]["gpu"] else "cpu"

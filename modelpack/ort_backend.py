@@ -22,59 +22,20 @@ from modelpack.manifest import Component, Manifest
 logger = logging.getLogger(__name__)
 
 
-# The process-wide ONNX Runtime thread pool, once ``share_thread_pool`` has set it up:
-# (intra-op, inter-op) threads. ``None``: every session has threads of its own.
-_shared_pool: tuple[int, int] | None = None
-_own_threads_given = False  # whether session options with threads of their own were made
-
-
-def share_thread_pool(intra_op: int = 0, inter_op: int = 1) -> bool:
-    """Run every session made with ``session_options`` from now on on one process-wide pool.
-
-    A package is a dozen sessions run one after another; with a pool each, every session wakes
-    its own sleeping threads, while one shared pool keeps the same threads warm from the trunk
-    to the heads: the conditional path at batch 1 took 1.39-1.53 ms against 2.00-2.38 ms with a
-    pool per session, the original 1.69-1.87 against 2.25-2.42. The price: ONNX Runtime's global
-    pool spins between runs (Python cannot turn that off), which starves other CPU work such as
-    decoding in worker threads; the service uses it only when asked (bench/README.md).
-
-    ONNX Runtime fixes this when its environment is created, i.e. before the process's first
-    session: once any session has its own threads, or the pool exists with other sizes, the
-    call changes nothing and says so (False / a warning). ``intra_op`` 0: one thread per core.
-    """
-    global _shared_pool
-    if _shared_pool is not None:
-        if _shared_pool != (intra_op, inter_op):
-            logger.warning("the shared ONNX Runtime thread pool already has %d/%d threads; "
-                           "keeping those, not %d/%d", *_shared_pool, intra_op, inter_op)
-        return True
-    if _own_threads_given:
-        logger.warning("not sharing one ONNX Runtime thread pool: this process already has "
-                       "sessions with threads of their own (set the pool up before any session)")
-        return False
-    ort.set_global_thread_pool_sizes(intra_op, inter_op)
-    _shared_pool = (intra_op, inter_op)
-    return True
-
-
 def session_options(intra_op: int = 0, inter_op: int = 1,
                     allow_spinning: bool = False) -> ort.SessionOptions:
-    """Options for every ONNX Runtime session of the project (runner, export check, bench).
+    """Options for every ONNX Runtime session of the project (runner, export check, bench):
+    a thread pool of ``intra_op`` threads per session (0: one per core).
 
-    On the process's shared pool (``share_thread_pool``) the thread settings do not apply
-    (ONNX Runtime refuses a session with threads of its own there); without it, the session
-    gets a pool of ``intra_op`` threads (0: one per core)."""
-    global _own_threads_given
+    Spinning threads answer the next op sooner but burn CPU between runs; with several sessions
+    and a decoder sharing few cores that costs more than it saves (bench/README.md), so they do
+    not spin unless asked. One process-wide pool (ONNX Runtime's global thread pool) was measured
+    and dropped: it is fixed per process and spins, starving decoding (bench/README.md).
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if _shared_pool is not None:  # thread counts here would only draw a warning per session
-        options.use_per_session_threads = False
-        return options
-    _own_threads_given = True
     options.intra_op_num_threads = intra_op
     options.inter_op_num_threads = inter_op
-    # Spinning threads answer the next op sooner but burn CPU between runs; with several
-    # sessions and a decoder sharing few cores that can cost more than it saves (bench/).
     options.add_session_config_entry("session.intra_op.allow_spinning",
                                      "1" if allow_spinning else "0")
     return options
@@ -149,16 +110,10 @@ class OnnxRuntimeBackend:
         # On a GPU the heads share one device and IOBinding keeps their inputs there: one at a time.
         self.parallel_heads = workers if workers > 1 and not self.io_binding else 1
         self._wide_heads: dict[str, _Session] = {}
-        if (self.parallel_heads > 1 and options.wide_head_mflops > 0
-                and 0 < head_threads < cores and not self.shared_thread_pool):
+        if self.parallel_heads > 1 and options.wide_head_mflops > 0 and 0 < head_threads < cores:
             self._wide_heads = {
                 f"head{c.index}": _Session(package_dir / c.head.file, c.head, graph, self.providers)
                 for c in manifest.clusters if c.head.flops >= options.wide_head_mflops * 1e6}
-
-    @property
-    def shared_thread_pool(self) -> bool:
-        """Whether the sessions run on the process's shared pool (``share_thread_pool``)."""
-        return not self._sessions["trunk"].session.get_session_options().use_per_session_threads
 
     def shared(self, x: np.ndarray) -> tuple[np.ndarray | ort.OrtValue, list[np.ndarray],
                                              dict[str, float]]:
@@ -191,5 +146,4 @@ class OnnxRuntimeBackend:
         return [1]
 
     def describe(self) -> str:
-        pool = "one shared thread pool" if self.shared_thread_pool else "a thread pool per session"
-        return f"onnxruntime fp32, providers {self.providers}, {pool}"
+        return f"onnxruntime fp32, providers {self.providers}"

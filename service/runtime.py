@@ -10,8 +10,8 @@ ONNX Runtime session. Each request:
 3. runs its images through the micro-batcher (``service.batcher``: concurrent requests share one
    model run) or, with batching off, through ``PackageRunner`` in a worker thread, limited to
    ``inference_concurrency`` calls at once; a small request while no other is in flight runs on
-   the event loop instead (``inline_when_idle``: nobody to batch with or serve meanwhile, so no
-   queue and no thread hop),
+   the event loop instead (nobody to batch with or serve meanwhile, so no queue and no thread
+   hop; ``INLINE_RUN_MAX_IMAGES``),
 4. records its metrics and returns a ``ClassifyOutcome`` (domain data, no HTTP).
 
 Hot reload (``reload``): the new package is loaded, validated and warmed up in a worker thread
@@ -42,7 +42,6 @@ import numpy as np
 from PIL import Image
 
 from modelpack.manifest import Manifest, PackageError
-from modelpack.ort_backend import share_thread_pool
 from modelpack.runner import BatchResult, PackageRunner, Prediction
 from modelpack.sweep import Expected, Target, TargetUnreachable, tau_for_target
 from service.admission import Admission
@@ -178,8 +177,6 @@ class InferenceService:
     def _load(self, package_dir: Path) -> PackageRunner:
         """Load, validate and warm up one package (worker thread); ``PackageError`` says why not."""
         s = self.settings
-        if s.shared_thread_pool:
-            share_thread_pool(s.intra_op_threads, s.inter_op_threads)
         try:
             runner = PackageRunner(package_dir, self._runner_options, verify=s.verify_checksums)
             t0 = time.perf_counter()
@@ -461,8 +458,8 @@ class InferenceService:
         in turn and being served one after another on the loop.
         """
         def alone() -> bool:
-            return (self.settings.inline_when_idle and images <= INLINE_RUN_MAX_IMAGES
-                    and self._active <= 1 and (self._batcher is None or self._batcher.idle))
+            return (images <= INLINE_RUN_MAX_IMAGES and self._active <= 1
+                    and (self._batcher is None or self._batcher.idle))
 
         if not alone():
             return False
@@ -519,8 +516,8 @@ INLINE_OPEN_MAX_BYTES = 64 * 1024
 # releases the GIL while decoding), so one big image never stalls the loop.
 INLINE_PREPARE_MAX_PIXELS = 128 * 128
 # A model run of at most this many images may run on the event loop when nothing else is in
-# flight (``inline_when_idle``): ~7 ms at most on 2 cores for the default model, so a request
-# that arrives meanwhile waits no longer than that before the loop reads it.
+# flight, so a request that arrives meanwhile waits no longer than one small run before the loop
+# reads it (bench/README.md: the measurements behind it; 0 sends every run to a worker thread).
 INLINE_RUN_MAX_IMAGES = 4
 
 

@@ -62,48 +62,12 @@ class Settings(BaseSettings):
         "ONNX Runtime always computes in fp32.")
     intra_op_threads: int = Field(default=0, ge=0, description="Threads per graph (0: one per core).")
     inter_op_threads: int = Field(default=1, ge=0, description="ORT inter-op threads.")
-    head_threads: int | None = Field(
-        default=None, ge=0, description="ORT intra-op threads of each head session; unset: "
-        "the intra-op threads (or cores) divided among CPCNN_HEAD_WORKERS (bench/README.md).")
-    head_workers: int = Field(
-        default=2, ge=1, description="Heads of one batch run at once on the CPU (1: one after "
-        "another on every core); the small heads share the cores side by side.")
-    wide_head_mflops: float = Field(
-        default=RunnerOptions.wide_head_mflops, ge=0, allow_inf_nan=False, description="Heads of at least this many MFLOPs "
-        "per image also get a session on every core, used when heads run one after another (all "
-        "images of a batch go to that head, or too little work for the head pool; with "
-        "CPCNN_HEAD_WORKERS > 1 a head otherwise runs on its share of the cores). On 2 "
-        "cores a head's work of 19-37 MFLOPs ran as fast on one core as on two, 56 MFLOPs 19% and "
-        "168 MFLOPs 38% faster on two; 0 turns it off (bench/README.md).")
-    heads_at_once_mflops: float = Field(
-        default=RunnerOptions.heads_at_once_mflops, ge=0, allow_inf_nan=False, description="Several heads "
-        "of a batch go to the head pool (CPCNN_HEAD_WORKERS) only with at least this many MFLOPs "
-        "of work in the batch (images x head FLOPs, summed); below, they run one after another "
-        "on the calling thread, as the hop to the pool's threads costs more than the overlap "
-        "wins. On 2 cores: 37 MFLOPs (one image, two default-model heads) were faster one after "
-        "another, 135 MFLOPs and more faster on the pool; 0: always the pool (bench/README.md).")
-    shared_thread_pool: bool = Field(
-        default=False, description="Run all ONNX Runtime sessions on one process-wide thread pool "
-        "of CPCNN_INTRA_OP_THREADS / CPCNN_INTER_OP_THREADS threads (the per-session thread "
-        "settings below then do not apply). Lower latency for a lone request (conditional, c=1: "
-        "0.2-0.9 ms less of 3.3-5.6 ms), but the pool's threads spin between runs and cost 18-26% "
-        "of the throughput of a mixed load with decoding in worker threads (the soak, five of "
-        "six paired runs); off by default (bench/README.md).")
-    allow_spinning: bool = Field(
-        default=False, description="Let ORT intra-op threads spin between ops. Off by default: "
-        "on 2 cores, spinning threads of the idle sessions starve the running one (batch 32 "
-        "took 27 ms with spinning, 5.6 ms without; bench/results/).")
     io_binding: bool | None = Field(
         default=None, description="ORT IOBinding: trunk features stay on the device for the "
         "clustifier and heads. Unset: on when the trunk runs on CUDA.")
     inference_concurrency: int = Field(
         default=1, ge=1, description="Inference calls allowed to run at once (worker threads)."
     )
-    inline_when_idle: bool = Field(
-        default=True, description="Run a small model run (at most 4 images) on the event loop "
-        "when no other request is in flight, instead of in a worker thread: the hop there and "
-        "back is ~0.3 ms of pure latency at concurrency 1 (bench/README.md). Under load runs "
-        "always go to a worker thread, so the loop keeps reading requests.")
     batching: bool = Field(
         default=True, description="Dynamic micro-batching of concurrent requests (false: each "
         "request runs alone).")
@@ -240,9 +204,7 @@ def runner_options(s: Settings) -> RunnerOptions:
     return RunnerOptions(
         backend=s.backend, precision=s.precision, providers=tuple(s.providers) or None,
         threads=s.intra_op_threads, inter_op_threads=s.inter_op_threads,
-        allow_spinning=s.allow_spinning, io_binding=s.io_binding, head_workers=s.head_workers,
-        head_threads=s.head_threads, wide_head_mflops=s.wide_head_mflops,
-        heads_at_once_mflops=s.heads_at_once_mflops)
+        io_binding=s.io_binding)
 
 
 @lru_cache

@@ -38,7 +38,7 @@ def test_floor_server_answers_the_runners_prediction(monkeypatch, mode):
 
 
 def _cell(mode: str, p50: float, **settings) -> dict:
-    return {"batching": True, "inline_when_idle": True, "mode": mode, "concurrency": 1,
+    return {"batching": True, "mode": mode, "concurrency": 1,
             "p50_ms": p50, "p99_ms": p50, "server_p50_ms": p50, "throughput_rps": 1e3 / p50,
             "flop_saving": 0.5 if mode == "conditional" else 0.0, **settings}
 
@@ -70,7 +70,7 @@ def test_batching_target_takes_the_default_server_alone_not_its_side_by_side_row
                 "throughput_rps": rps}
 
     served = [row(True, 300.0, interleaved=True),  # side by side with another server: shared time
-              row(True, 250.0, interleaved=True, inline_when_idle=False),
+              row(True, 250.0, interleaved=True),
               row(True, 600.0), row(False, 250.0)]
     target = targets({"served": served, "concurrency": [32], "raw": []})[-1]
     assert target["ok"] and "600.0 vs 250.0 req/s = 2.40×" in target["detail"]

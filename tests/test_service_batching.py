@@ -225,7 +225,8 @@ def test_lone_small_request_runs_on_the_loop_and_concurrent_ones_do_not(
         assert [p["index"] for p in got] == [p["index"] for p in want]
         assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], abs=1e-6)
 
-    app = create_app(Settings(model_dir=synthetic_package, batching=batching,
-                              inline_when_idle=False), registry=CollectorRegistry())
+    monkeypatch.setattr("service.runtime.INLINE_RUN_MAX_IMAGES", 0)  # no run small enough
+    app = create_app(Settings(model_dir=synthetic_package, batching=batching),
+                     registry=CollectorRegistry())
     alone, lone_runs, *_ = asyncio.run(scenario(app))
     assert alone.status_code == 200 and lone_runs[0][0] is not loop_thread  # switched off

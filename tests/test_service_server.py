@@ -50,8 +50,8 @@ def server(synthetic_package):
     finally:
         log = stop(proc)
         assert "tok" not in log  # the admin token is never logged
-        # The default: every ONNX Runtime session with threads of its own.
-        assert "a thread pool per session" in log, log
+        # The backend that serves is named at start-up (the default: ONNX Runtime, fp32).
+        assert "on onnxruntime fp32" in log, log
 
 
 def png(color) -> bytes:
