@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import (  # noqa: E402
+from bench.load import (  # noqa: E402
     Server,
     drive,
     encode_png,

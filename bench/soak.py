@@ -54,8 +54,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.load import machine_info  # noqa: E402
 from bench.overload import burst, stall_upload  # noqa: E402
-from bench.serve_bench import machine_info  # noqa: E402
 from modelpack.manifest import (  # noqa: E402
     copy_package,
     default_model_dir,  # noqa: E402

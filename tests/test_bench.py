@@ -10,7 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bench import floor_app
-from bench.serve_bench import InProcess, batch_curve, drive, encode_png, overhead_room, targets
+from bench.load import InProcess, drive, encode_png
+from bench.serve_bench import batch_curve
+from bench.serve_report import overhead_room, targets
 from modelpack.runner import PackageRunner
 from tests.conftest import SHIPPED_PACKAGE
 
