@@ -167,12 +167,35 @@ def render_card(m: Manifest) -> str:
               "original's; CC. Save: FLOP saving against the original; true cluster run: images "
               "whose class's head ran.", "", *sweep_table(m.tau_sweep, m.num_clusters, default), "",
               "![accuracy against FLOPs](tau_sweep.png)", "",
+              *precision_table(m),
               "## Limitations", "",
               "- Figures are on a validation split carved from Tiny-ImageNet's training images "
               "(same distribution); expect lower accuracy on other photos.",
               "- FLOPs count convolutions and matmuls (2 × MACs), the same way for every part; "
               "latency saving on a given machine is measured by `make bench`.", ""]
     return "\n".join(lines)
+
+
+def precision_table(m: Manifest) -> list[str]:
+    """The sweep's accuracy on other backends/precisions beside fp32 (same routes and FLOPs)."""
+    lines: list[str] = []
+    fp32 = {r.tau: r for r in m.tau_sweep}
+    o = m.training.original_accuracy
+    for sweep in m.precision_sweeps:
+        name = f"{sweep.backend} {sweep.precision}"
+        lines += [f"Served on {name} (`CPCNN_BACKEND={sweep.backend}`, "
+                  f"`CPCNN_PRECISION={sweep.precision}`): the same routes and FLOPs, computed in "
+                  f"{sweep.precision}.", "",
+                  f"| τ | top-1 fp32 | top-1 {sweep.precision} | top-5 fp32 | "
+                  f"top-5 {sweep.precision} |", "|---|---|---|---|---|",
+                  f"| original | {pct(o.top1, 2)} | {pct(sweep.original.top1, 2)} | {pct(o.top5, 2)} | "
+                  f"{pct(sweep.original.top5, 2)} |"]
+        for r in sweep.rows:
+            f = fp32.get(r.tau)
+            lines.append(f"| {r.tau:g} | {pct(f.top1, 2) if f else '—'} | {pct(r.top1, 2)} | "
+                         f"{pct(f.top5, 2) if f else '—'} | {pct(r.top5, 2)} |")
+        lines.append("")
+    return lines
 
 
 def _ms(latency: dict[int, float]) -> str:

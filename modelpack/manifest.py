@@ -113,6 +113,22 @@ class Accuracy(_Strict):
     top5: float = Field(ge=0.0, le=1.0)
 
 
+class PrecisionRow(_Strict):
+    tau: float = Field(ge=0.0, le=1.0)
+    top1: float
+    top5: float
+
+
+class PrecisionSweep(_Strict):
+    """The τ sweep's accuracy computed on another backend and precision (OpenVINO bf16): what
+    serving there gives up, beside the fp32 sweep (routing and FLOPs are the same)."""
+
+    backend: str
+    precision: str
+    original: Accuracy
+    rows: list[PrecisionRow]
+
+
 class SweepRow(_Strict):
     """One τ of the offline sweep: the columns of paper 002's Table 2 and more."""
 
@@ -202,6 +218,8 @@ class Manifest(_Strict):
     )
     activator: ActivatorSpec
     tau_sweep: list[SweepRow] = Field(default_factory=list)
+    precision_sweeps: list[PrecisionSweep] = Field(
+        default_factory=list, description="The sweep's accuracy on other backends/precisions.")
     training: TrainingInfo
     head_selection: HeadSelection | None = None
     split_points: list[SplitPoint] = Field(default_factory=list)

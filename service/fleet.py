@@ -18,8 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from modelpack.manifest import PackageError, load_manifest
 from service.errors import Conflict
+from service.model_slot import ReloadOutcome
 from service.packages import resolve_package_dir
-from service.runtime import InferenceService, ReloadOutcome, check_tau
+from service.runtime import InferenceService
+from service.tau_input import check_tau
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The inference service: one loaded package, the current τ, and ``classify`` for the routes.
+"""The request scheduler: ``classify`` for the routes, on the model slot (``service.model_slot``:
+the package, τ, reload and lifecycle).
 
 Routes call ``InferenceService.classify`` (or ``classify_pixels``) and never touch the runner or an
 ONNX Runtime session. Each request:
@@ -14,26 +15,17 @@ ONNX Runtime session. Each request:
    hop; ``INLINE_RUN_MAX_IMAGES``),
 4. records its metrics and returns a ``ClassifyOutcome`` (domain data, no HTTP).
 
-Hot reload (``reload``): the new package is loaded, validated and warmed up in a worker thread
-beside the old one while requests keep being served, then swapped in with one reference
-assignment under the lock. A package that fails any step is refused and the old one keeps serving.
-The micro-batcher groups requests by (runner, mode), so a batch never mixes two packages.
-
-Lifecycle: ``start`` → serving and ready; ``stop`` → still serving but no longer ready (readiness
-503 while in-flight and late requests finish; the SIGTERM path); ``aclose`` → closed.
+The micro-batcher groups requests by (runner, mode), so a batch never mixes two packages during
+a hot reload.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Literal
 
 import anyio
@@ -41,31 +33,18 @@ import anyio.to_thread
 import numpy as np
 from PIL import Image
 
-from modelpack.manifest import Manifest, PackageError
+from modelpack.manifest import Manifest
 from modelpack.runner import BatchResult, PackageRunner, Prediction
-from modelpack.sweep import Expected, Target, TargetUnreachable, tau_for_target
+from modelpack.sweep import Target
 from service.admission import Admission
 from service.batcher import BatchSlice, MicroBatcher
-from service.decode import (
-    DecodeLimits,
-    decode_request,
-    open_request,
-    prepare,
-    release_freed_memory,
-)
-from service.errors import (
-    Conflict,
-    InvalidImage,
-    InvalidParameter,
-    LimitExceeded,
-    ModelNotReady,
-    StartupError,
-)
+from service.decode import decode_request, open_request, prepare
+from service.errors import InvalidImage, InvalidParameter, LimitExceeded
 from service.json_fields import CONFLICTING
 from service.metrics import Metrics
-from service.settings import Settings, runner_options
-from service.tau_control_loop import ControlLoop
-from service.tau_controller import ControllerConfig
+from service.model_slot import ModelSlot
+from service.settings import Settings
+from service.tau_input import check_tau, tau_for
 
 logger = logging.getLogger(__name__)
 
@@ -106,60 +85,22 @@ class ClassifyOutcome:
         return sum(v for k, v in self.stage_seconds.items() if k not in ("decode", "preprocess"))
 
 
-@dataclass(frozen=True)
-class ReloadOutcome:
-    manifest: Manifest  # of the package now served
-    previous: Manifest  # of the package it replaced
-    tau: float  # τ now applied to requests that give none
-    seconds: float  # load + validate + warm-up
-
-
-def _not_serving() -> ModelNotReady:
-    return ModelNotReady("the model is not loaded yet (or shutting down); retry shortly and watch "
-                         "GET /readyz")
-
-
-class InferenceService:
-    """Holds the runner and τ; loads in ``start`` (called from the app's lifespan)."""
+class InferenceService(ModelSlot):
+    """The request scheduler on the model slot: decoding, the micro-batcher, worker threads."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.settings = settings
-        self._runner_options = runner_options(settings)
-        self.metrics = metrics
-        # The lock guards the (runner, τ) pair: requests read both at once, reload and
-        # PUT /admin/tau change them at once.
-        self._lock = threading.Lock()
-        self._runner: PackageRunner | None = None  # None before start and after aclose
-        self._tau = 0.0
-        self._tau_pinned = settings.tau is not None  # set by an operator: survives a reload
-        self._draining = False
-        self._reload_lock: anyio.Lock | None = None
+        super().__init__(settings, metrics)
         self._limiter: anyio.CapacityLimiter | None = None
         self._batcher: MicroBatcher | None = None
         self._arriving = 0  # requests decoding now (event-loop thread only): the batcher waits for them
         self._active = 0  # requests inside _classify (event-loop thread only)
         self.admission = Admission(settings.max_in_flight, settings.max_pixels_in_flight,
                                    metrics.overload_rejections, metrics.decoding_pixels)
-        self.control = ControlLoop(metrics, lambda: self.tau, self._store_tau)
-        self._decode_limits = DecodeLimits(  # settings are frozen: built once, not per request
-            max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
-            max_request_pixels=settings.max_request_pixels, budget_s=settings.decode_budget_s)
 
-    # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Load, validate and warm up the package; raise ``StartupError`` saying what is wrong."""
+        """Load the package (``ModelSlot``), start the micro-batcher, then answer ready."""
         self._limiter = anyio.CapacityLimiter(self.settings.inference_concurrency)
-        self._reload_lock = anyio.Lock()
-        try:
-            runner = await anyio.to_thread.run_sync(self._load, self.settings.model_dir)
-        except PackageError as e:
-            raise StartupError(str(e)) from e
-        m = runner.manifest
-        tau = m.activator.default_tau if self.settings.tau is None else self.settings.tau
-        with self._lock:
-            self._runner = runner
-            self._tau = tau
-            self.metrics.bind_model(m, tau, runner.backend)
+        await self.load_first()
         if self.settings.batching:
             self._batcher = MicroBatcher(
                 self._run_batch, max_batch_size=self.settings.max_batch_size,
@@ -167,92 +108,7 @@ class InferenceService:
                 on_batch=lambda key, n: self.metrics.batch_size.labels(mode=key[1]).observe(n),
                 arriving=lambda: self._arriving)
             self._batcher.start()
-        self._draining = False
-        self.metrics.set_ready(True)
-        logger.info("ready: %s %s, tau %.3f, on %s", m.name, m.version, tau,
-                    runner.backend.describe())
-        if self.settings.tau_controller is not None:
-            self.control.start(self.settings.tau_controller)
-
-    def _load(self, package_dir: Path) -> PackageRunner:
-        """Load, validate and warm up one package (worker thread); ``PackageError`` says why not."""
-        s = self.settings
-        try:
-            runner = PackageRunner(package_dir, self._runner_options, verify=s.verify_checksums)
-            t0 = time.perf_counter()
-            runner.warmup(max(s.max_batch_size, s.max_files) if s.batching else s.max_files)
-            _warm_up_decoders(runner.manifest.input.size, self._decode_limits)
-        except PackageError:
-            raise
-        except Exception as e:  # an ONNX file ORT cannot load, a provider that fails to start, ...
-            logger.debug("loading %s failed", package_dir, exc_info=True)
-            raise PackageError(
-                f"could not load model package {package_dir}: {type(e).__name__}: {e}") from e
-        logger.info("warm-up done in %.3f s", time.perf_counter() - t0)
-        return runner
-
-    async def reload(self, package_dir: Path) -> ReloadOutcome:
-        """Load, validate and warm up ``package_dir`` beside the served package, then swap.
-
-        Requests keep being served by the old package meanwhile; those in flight at the swap
-        finish on it. τ: with the τ controller on, it carries τ over at the same expected FLOP
-        saving on the new package's sweep; else one set by an operator (``CPCNN_TAU``,
-        ``PUT /admin/tau`` or a stopped controller) is kept; otherwise τ follows the package,
-        i.e. becomes the new package's ``default_tau``.
-        ``Conflict``: the package is refused (the old one keeps serving), or another reload runs.
-        """
-        old = self.runner  # ModelNotReady before start / after close
-        assert self._reload_lock is not None
-        if self._reload_lock.locked():
-            raise Conflict("another reload is running; retry when it has finished",
-                           code="reload_in_progress")
-        async with self._reload_lock:
-            t0 = time.perf_counter()
-            limit = self.settings.reload_timeout_s
-            try:
-                # A load stuck in a thread (a hung filesystem) cannot be stopped; past the
-                # deadline it is abandoned, the lock released, and the old package keeps serving.
-                with anyio.fail_after(limit):
-                    runner = await anyio.to_thread.run_sync(self._load, package_dir,
-                                                            abandon_on_cancel=True)
-            except TimeoutError as e:
-                self.metrics.reloads.labels(result="timeout").inc()
-                logger.warning("reload of %s abandoned after %g s, still serving %s %s",
-                               package_dir, limit, old.manifest.name, old.manifest.version)
-                raise Conflict(f"loading the package took longer than {limit:g} s "
-                               f"(CPCNN_RELOAD_TIMEOUT_S); still serving {old.manifest.name} "
-                               f"{old.manifest.version}", code="reload_timeout") from e
-            except PackageError as e:
-                self.metrics.reloads.labels(result="rejected").inc()
-                logger.warning("reload refused, still serving %s %s: %s", old.manifest.name,
-                               old.manifest.version, e)
-                raise Conflict(f"{e}; still serving {old.manifest.name} {old.manifest.version}",
-                               code="package_rejected") from e
-            m = runner.manifest
-            with self._lock:
-                if self._runner is None:  # closed while loading
-                    raise _not_serving()
-                previous, self._runner = self._runner, runner
-                carried = self.control.rebase(previous.manifest, m)
-                if carried is not None:
-                    self._tau = carried
-                elif not self._tau_pinned:
-                    self._tau = m.activator.default_tau
-                tau = self._tau
-                self.metrics.bind_model(m, tau, runner.backend)
-            seconds = time.perf_counter() - t0
-        # Once its last request is done, the old package's sessions are freed; hand that memory
-        # back to the OS, or the allocator's per-thread arenas keep it and each reload adds some.
-        weakref.finalize(previous, release_freed_memory)
-        self.metrics.reloads.labels(result="ok").inc()
-        logger.info("reloaded: now %s %s from %s (was %s %s), tau %.3f, %.2f s", m.name, m.version,
-                    package_dir, previous.manifest.name, previous.manifest.version, tau, seconds)
-        return ReloadOutcome(m, previous.manifest, tau, seconds)
-
-    def stop(self) -> None:
-        """Stop answering ready; requests in flight, and any still arriving, are served."""
-        self._draining = True
-        self.metrics.set_ready(False)
+        self.open()
 
     async def aclose(self) -> None:
         """Finish queued micro-batches, stop the batcher and release the package (after ``stop``)."""
@@ -261,71 +117,7 @@ class InferenceService:
         if self._batcher is not None:
             await self._batcher.stop()
             self._batcher = None
-        with self._lock:
-            self._runner = None
-
-    @property
-    def serving(self) -> bool:
-        """A package is loaded and requests are answered (also while draining)."""
-        return self._runner is not None
-
-    @property
-    def ready(self) -> bool:
-        """Serving and not shutting down: what ``/readyz`` reports."""
-        return self._runner is not None and not self._draining
-
-    def snapshot(self) -> tuple[PackageRunner, float]:
-        """The served runner and the current τ, read together (one request uses one pair)."""
-        with self._lock:
-            if self._runner is None:
-                raise _not_serving()
-            return self._runner, self._tau
-
-    @property
-    def runner(self) -> PackageRunner:
-        """The loaded runner; ``ModelNotReady`` before start-up finished or after close."""
-        return self.snapshot()[0]
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.runner.manifest
-
-    # -- τ ---------------------------------------------------------------------------------
-    @property
-    def tau(self) -> float:
-        with self._lock:
-            return self._tau
-
-    def set_tau(self, tau: float) -> float:
-        """An operator sets τ for requests that start from now on (the controller, if on, stops:
-        the operator pins τ); return the previous value."""
-        tau = check_tau(tau)
-        if not self.serving:
-            raise _not_serving()
-        self.control.stop("tau set by an operator")
-        with self._lock:
-            previous = self._tau
-            self._tau_pinned = True
-        self._store_tau(tau)
-        logger.info("tau changed from %.4f to %.4f", previous, tau)
-        return previous
-
-    def start_controller(self, config: ControllerConfig) -> None:
-        if not self.serving:
-            raise _not_serving()
-        self.control.start(config)
-
-    def stop_controller(self) -> bool:
-        """Stop the τ controller; τ stays where it left it, as if an operator had set it."""
-        stopped = self.control.stop("stopped by an operator")
-        if stopped:
-            self._tau_pinned = True
-        return stopped
-
-    def _store_tau(self, tau: float) -> None:
-        with self._lock:
-            self._tau = float(tau)
-            self.metrics.tau.set(self._tau)
+        self.release()
 
     # -- inference -------------------------------------------------------------------------
     async def classify(self, images: Sequence[ImageInput], *, tau: float | None = None,
@@ -475,38 +267,6 @@ class InferenceService:
         return runner.run(batch, taus)
 
 
-def tau_for(manifest: Manifest, target: Target,
-            within: tuple[float, float] = (0.0, 1.0)) -> Expected:
-    """The τ the package's sweep gives for ``target`` (``modelpack.sweep.tau_for_target``); a 422
-    ``target_unreachable`` naming the best reachable value, or ``no_tau_sweep``."""
-    try:
-        return tau_for_target(manifest, target, within)
-    except TargetUnreachable as e:
-        raise InvalidParameter(f"{e}; ask for less, or set tau directly",
-                               code="target_unreachable") from e
-    except ValueError as e:
-        raise InvalidParameter(str(e), code="no_tau_sweep") from e
-
-
-def query_target(flop_saving: float | None, max_top1_loss: float | None,
-                 mflops: float | None) -> Target | None:
-    """The one ``target_*`` query parameter given, as a ``Target``; None when none is."""
-    given = [Target(kind, value) for kind, value in
-             (("flop_saving", flop_saving), ("max_top1_loss", max_top1_loss), ("mflops", mflops))
-             if value is not None]
-    if len(given) > 1:
-        raise InvalidParameter("give at most one of target_flop_saving, target_max_top1_loss and "
-                               "target_mflops", code=CONFLICTING)
-    return given[0] if given else None
-
-
-def check_tau(tau: float) -> float:
-    tau = float(tau)
-    if not 0.0 <= tau <= 1.0:  # also False for NaN
-        raise InvalidParameter(f"tau must be a number in [0, 1], got {tau}")
-    return tau + 0.0  # -0.0 + 0.0 is 0.0: never echo a negative zero
-
-
 # A request body of at most this many bytes has its image headers parsed on the event loop
 # (bounded work: parsing cost grows with the bytes); larger ones are opened in a worker thread.
 INLINE_OPEN_MAX_BYTES = 64 * 1024
@@ -519,14 +279,6 @@ INLINE_PREPARE_MAX_PIXELS = 128 * 128
 # flight, so a request that arrives meanwhile waits no longer than one small run before the loop
 # reads it (bench/README.md: the measurements behind it; 0 sends every run to a worker thread).
 INLINE_RUN_MAX_IMAGES = 4
-
-
-def _warm_up_decoders(size: int, limits: DecodeLimits) -> None:
-    """Decode a tiny PNG and JPEG once, so the first request pays no Pillow plugin start-up."""
-    for fmt in ("PNG", "JPEG"):
-        buf = io.BytesIO()
-        Image.new("RGB", (size + 3, size + 1), (127, 127, 127)).save(buf, format=fmt)
-        decode_request([buf.getvalue()], ["warm-up image"], limits, size)
 
 
 def _prepare_pixels(pixels: np.ndarray, size: int) -> tuple[np.ndarray, list[tuple[float, float]]]:

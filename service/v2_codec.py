@@ -36,9 +36,10 @@ from service.errors import (
     UnsupportedMediaType,
     describe_validation_errors,
 )
-from service.runtime import ImageInput, Mode, check_tau, query_target
+from service.runtime import ImageInput, Mode
 from service.schemas import ClassifyResponse
 from service.settings import Settings
+from service.tau_input import check_tau, query_target
 from service.upload import (  # the body limits of /classify, shared
     body_too_large,
     parse_length,

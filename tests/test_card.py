@@ -108,3 +108,28 @@ def test_a_fresh_evaluation_reproduces_the_cards_sweep(synthetic_package, capsys
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert f"{100 * expected.top1:.2f}%" in cells and f"{100 * expected.flop_saving:.1f}%" in cells
         assert line in card.splitlines()  # the card's row, cell for cell
+
+
+def test_the_card_shows_the_bf16_sweep_beside_fp32(synthetic_package):
+    """Where OpenVINO and a bf16 CPU are there, the sweep also runs in bf16 and the card puts
+    its top-1/top-5 beside fp32's at every τ (routes and FLOPs are the same)."""
+    from modelpack.backend import openvino_available
+
+    if not openvino_available():
+        pytest.skip("the openvino extra is not installed")
+    from modelpack.openvino_backend import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 instructions")
+    m = load_manifest(synthetic_package)
+    (sweep,) = m.precision_sweeps
+    assert (sweep.backend, sweep.precision) == ("openvino", "bf16")
+    assert [r.tau for r in sweep.rows] == [r.tau for r in m.tau_sweep]
+    for fp32, bf16 in zip(m.tau_sweep, sweep.rows, strict=True):
+        assert abs(fp32.top1 - bf16.top1) <= 0.05  # 240 images: a handful may move
+    assert abs(sweep.original.top1 - m.training.original_accuracy.top1) <= 0.05
+    text = (synthetic_package / CARD).read_text()
+    assert "Served on openvino bf16" in text
+    for r in sweep.rows:
+        assert any(line.startswith(f"| {r.tau:g} | ") and f"{100 * r.top1:.2f}%" in line
+                   for line in text.splitlines())

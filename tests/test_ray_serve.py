@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,6 @@ import pytest
 from PIL import Image
 
 from modelpack.manifest import copy_package
-from service.launch import free_port
 from tests.conftest import AUTH, SHIPPED_PACKAGE, TOKEN
 
 pytest.importorskip("ray.serve", reason="the ray extra is not installed "
@@ -47,11 +47,36 @@ def http(method: str, url: str, body: bytes | None = None,
         return status, got, {"text": text.decode(errors="replace")}
 
 
+def distinct_ports(n: int) -> list[int]:
+    """``n`` different free ports (held open together while chosen, so none repeats), the last
+    one with its successor free too (the second replica's metrics port)."""
+    while True:
+        socks = []
+        try:
+            for _ in range(n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", 0))
+                socks.append(s)
+            ports = [s.getsockname()[1] for s in socks]
+            with socket.socket() as nxt:
+                nxt.bind(("127.0.0.1", ports[-1] + 1))
+            if ports[-1] + 1 not in ports:
+                return ports
+        except OSError:
+            pass
+        finally:
+            for s in socks:
+                s.close()
+
+
 def run(*args: str, timeout: float) -> None:
     """A Ray CLI command; its output in the failure when it fails."""
     # Token authentication off: a loopback-only cluster of this test (a real cluster keeps it on;
     # the fleet sends Ray's token header then).
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # A proxy slow to start on a busy 2-core machine is not a failure: Serve's 5-s readiness
+    # check would kill and restart it, and the deploy fail.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120"}
     done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, f"{' '.join(args)}: {done.stdout}{done.stderr}"
 
@@ -69,7 +94,7 @@ def cluster(tmp_path_factory):
     models = root / "models"
     copy_package(SHIPPED_PACKAGE, models / "a")
     copy_package(SHIPPED_PACKAGE, models / "b", version=B)
-    gcs, dashboard, port, metrics = free_port(), free_port(), free_port(), free_port()
+    gcs, dashboard, port, metrics = distinct_ports(4)
     config = root / "serve_config.json"  # JSON is YAML: no YAML writer needed here
     config.write_text(json.dumps({
         "proxy_location": "HeadOnly",

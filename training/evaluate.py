@@ -18,6 +18,8 @@ from modelpack.backend import RunnerOptions
 from modelpack.manifest import (
     Accuracy,
     Manifest,
+    PrecisionRow,
+    PrecisionSweep,
     SweepRow,
     load_manifest,
     sha256_file,
@@ -155,6 +157,33 @@ def choose_fill(runner: PackageRunner, images: np.ndarray, labels: np.ndarray,
     return ("clustifier" if better else "none"), reason
 
 
+def precision_sweep(package_dir: Path, manifest: Manifest, images: np.ndarray,
+                    labels: np.ndarray, taus: Sequence[float],
+                    batch_size: int = 256) -> PrecisionSweep | None:
+    """Top-1/top-5 of the original and at every τ on OpenVINO bf16, where this machine has
+    both (the card shows them beside fp32); None where it has not."""
+    from modelpack.backend import openvino_available
+
+    if not openvino_available():
+        return None
+    from modelpack.openvino_backend import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        return None
+    runner = PackageRunner(package_dir, RunnerOptions(backend="openvino", precision="bf16"),
+                           manifest=manifest, verify=False)
+    orig = _batched(runner.run_original, images, batch_size, "original bf16")
+    scores = np.stack([p.scores for r in orig for p in r.predictions])
+    shared = shared_outputs(runner, images, batch_size)
+    rows = []
+    for tau in taus:
+        row = evaluate_tau(runner, images, labels, tau, 0.0, batch_size, shared)
+        rows.append(PrecisionRow(tau=tau, top1=row.top1, top5=row.top5))
+    return PrecisionSweep(backend="openvino", precision="bf16",
+                          original=Accuracy(top1=topk_accuracy(scores, labels, 1),
+                                            top5=topk_accuracy(scores, labels, 5)), rows=rows)
+
+
 def sweep_package(package_dir: str | Path, images: np.ndarray, labels: np.ndarray,
                   taus: Sequence[float], batch_size: int = 256, *,
                   max_top1_loss: float | None = None,
@@ -188,6 +217,12 @@ def sweep_package(package_dir: str | Path, images: np.ndarray, labels: np.ndarra
                 original.top5, m.original.flops / 1e6)
     plot_tau_sweep(rows, original.top1, m.original.flops, package_dir / SWEEP_PLOT,
                    title=f"{m.name} {m.version}: τ sweep on {len(labels)} validation images")
+    bf16 = precision_sweep(package_dir, m, images, labels, taus, batch_size)
+    if bf16 is not None:
+        at = {r.tau: r for r in bf16.rows}
+        logger.info("OpenVINO bf16: original top-1 %.4f; %s", bf16.original.top1,
+                    ", ".join(f"τ={r.tau:.2f} {at[r.tau].top1:.4f} (fp32 {r.top1:.4f})"
+                              for r in rows))
     training = m.training.model_copy(update={"original_accuracy": original})
     extra = dict(m.extra_files, **{SWEEP_PLOT: sha256_file(package_dir / SWEEP_PLOT)})
     activator = m.activator
@@ -195,8 +230,9 @@ def sweep_package(package_dir: str | Path, images: np.ndarray, labels: np.ndarra
         tau, reason = choose_default_tau(rows, original.top1, max_top1_loss)
         activator = activator.model_copy(update={"default_tau": tau, "default_tau_reason": reason})
         logger.info("default %s", reason)
-    write_manifest(m.model_copy(update={"tau_sweep": rows, "training": training,
-                                        "extra_files": extra, "activator": activator}), package_dir)
+    write_manifest(m.model_copy(update={
+        "tau_sweep": rows, "training": training, "extra_files": extra, "activator": activator,
+        "precision_sweeps": [bf16] if bf16 is not None else []}), package_dir)
     load_manifest(package_dir)  # the updated package still validates
     return rows
 

@@ -17,7 +17,6 @@ from service.errors import InvalidParameter, describe_validation_errors
 from service.fleet import publish_reload
 from service.json_fields import CONFLICTING
 from service.packages import resolve_package_dir
-from service.runtime import check_tau, tau_for
 from service.schemas import (
     ControllerStatus,
     ModelRef,
@@ -30,6 +29,7 @@ from service.schemas import (
     expected_figures,
 )
 from service.tau_controller import ControllerConfig
+from service.tau_input import check_tau, tau_for
 from service.upload import read_body
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Query, Request, Response
 
 from modelpack.sweep import Target
 from service.deps import ReadyServiceDep, SettingsDep
-from service.runtime import InferenceService, Mode, query_target
+from service.runtime import InferenceService, Mode
 from service.schemas import ClassifyResponse, Latency, classify_response, error_responses
 from service.settings import Settings
+from service.tau_input import query_target
 from service.upload import read_images
 
 router = APIRouter(tags=["classify"])
