@@ -29,6 +29,7 @@ from bench.load import (  # noqa: E402
     drive,
     encode_png,
     machine_info,
+    stop_process,
     validation_images,
     write_results,
 )
@@ -56,11 +57,7 @@ class RayApp:
             raise RuntimeError(f"serve run {problem}")
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc, timeout=60)
 
 
 def handle_round_trip(batches: tuple[int, ...] = (1, 8), calls: int = 200) -> dict[int, float]:

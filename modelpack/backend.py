@@ -59,6 +59,7 @@ class Backend(Protocol):
 
     name: str  # "onnxruntime" | "openvino"
     precision: str  # "fp32" | "bf16": what the graphs compute in
+    providers: list[str]  # ONNX Runtime's execution providers; OpenVINO: its device
     parallel_heads: int  # how many heads of a batch may run at once (1: one after another)
 
     def shared(self, x: np.ndarray) -> tuple[Any, list[np.ndarray], dict[str, float]]:

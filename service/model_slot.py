@@ -70,12 +70,7 @@ class ModelSlot:
             max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
             max_request_pixels=settings.max_request_pixels, budget_s=settings.decode_budget_s)
 
-    # -- lifecycle -------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Load, validate and warm up the package, then answer ready."""
-        await self.load_first()
-        self.open()
-
+    # -- lifecycle (the scheduler's ``start`` calls load_first, then open) -------------------
     async def load_first(self) -> None:
         """Load, validate and warm up the configured package; ``StartupError`` says what is wrong."""
         self._reload_lock = anyio.Lock()
@@ -185,9 +180,6 @@ class ModelSlot:
         """Stop answering ready, stop the controller and release the package."""
         self.stop()
         await self.control.aclose()
-        self.release()
-
-    def release(self) -> None:
         with self._lock:
             self._runner = None
 

@@ -24,6 +24,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 import anyio.to_thread
 from prometheus_client import start_http_server
@@ -59,10 +60,11 @@ class ServeConfigFleet:
     """τ and the package as this deployment's ``user_config``, changed through the Serve REST API
     of the cluster's dashboard (``RAY_DASHBOARD_ADDRESS``, default http://127.0.0.1:8265)."""
 
-    def __init__(self, app_name: str, deployment: str, dashboard: str, timeout_s: float) -> None:
+    def __init__(self, app_name: str, deployment: str, dashboard: str,
+                 timeout_s: Callable[[], float]) -> None:
         self.app_name, self.deployment = app_name, deployment
         self.url = dashboard.rstrip("/") + "/api/serve/applications/"
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # read per change: the replica's settings come with its lifespan
         self._lock = asyncio.Lock()  # one change at a time from this replica
 
     def _call(self, method: str, body: dict | None = None) -> dict:
@@ -101,7 +103,8 @@ class ServeConfigFleet:
         entry["user_config"] = state.model_dump()
         before = app.get("last_deployed_time_s")
         self._call("PUT", {"applications": apps})
-        deadline = time.monotonic() + self.timeout_s
+        timeout = self.timeout_s()
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:  # until Serve has reconfigured every replica
             app = self._app(self._call("GET"))
             ours = app.get("deployments", {}).get(self.deployment, {})
@@ -111,8 +114,7 @@ class ServeConfigFleet:
             if app.get("status") == "DEPLOY_FAILED":
                 raise FleetUnavailable(f"Serve could not apply {changes}: {app.get('message')}")
             time.sleep(0.2)
-        raise FleetUnavailable(f"the replicas did not all apply {changes} within "
-                               f"{self.timeout_s:g} s")
+        raise FleetUnavailable(f"the replicas did not all apply {changes} within {timeout:g} s")
 
     async def publish(self, **changes: object) -> FleetState:
         async with self._lock:
@@ -150,10 +152,11 @@ class CPCNNDeployment:
         context = serve.get_replica_context()
         state = self.app.state
         state.replica_id = context.replica_tag
-        timeout = 120.0 + 30.0  # CPCNN_RELOAD_TIMEOUT_S's default, plus Serve's own work
         state.fleet = ServeConfigFleet(
             context.app_name, context.deployment,
-            os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265"), timeout)
+            os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265"),
+            # Every replica may reload within CPCNN_RELOAD_TIMEOUT_S; Serve's own work on top.
+            lambda: state.settings.reload_timeout_s + 30.0)
         if self._metrics_port:
             port = self._metrics_port + context.rank.local_rank
             start_http_server(port, registry=state.metrics.registry)

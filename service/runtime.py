@@ -111,13 +111,12 @@ class InferenceService(ModelSlot):
         self.open()
 
     async def aclose(self) -> None:
-        """Finish queued micro-batches, stop the batcher and release the package (after ``stop``)."""
+        """Finish queued micro-batches and stop the batcher, then close the slot."""
         self.stop()
-        await self.control.aclose()
         if self._batcher is not None:
             await self._batcher.stop()
             self._batcher = None
-        self.release()
+        await super().aclose()
 
     # -- inference -------------------------------------------------------------------------
     async def classify(self, images: Sequence[ImageInput], *, tau: float | None = None,
