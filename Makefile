@@ -12,7 +12,7 @@ PORT ?= 8000
 DEFAULT_MODEL := $(firstword $(wildcard models/tiny-imagenet-200/manifest.json) models/synthetic/manifest.json)
 MODEL_DIR ?= $(patsubst %/,%,$(dir $(DEFAULT_MODEL)))
 
-.PHONY: help serve serve-ray test lint train-synthetic train-tiny bench bench-backends bench-probe bench-tau soak clean
+.PHONY: help serve serve-ray test lint train-synthetic train-tiny bench bench-backends bench-cores bench-probe bench-tau soak clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -31,7 +31,8 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.serve
 
 models/synthetic/manifest.json: | $(VENV)/.dev
-	$(BIN)/python -m training run --config configs/synthetic.toml --set package.out_dir=models/synthetic
+	$(BIN)/python -m training run --config configs/synthetic.toml
+	$(BIN)/python -m export package --config configs/synthetic.toml --out models/synthetic
 
 serve: $(VENV)/.serve $(MODEL_DIR)/manifest.json  ## serve the default model on $(HOST):$(PORT)
 	$(BIN)/python -m service --model-dir $(MODEL_DIR) --host $(HOST) --port $(PORT)
@@ -46,10 +47,12 @@ lint: $(VENV)/.dev  ## ruff
 	$(BIN)/ruff check modelpack service training export tests bench
 
 train-synthetic: $(VENV)/.dev  ## rebuild models/synthetic from configs/synthetic.toml (~2 min)
-	$(BIN)/python -m training run --config configs/synthetic.toml --set package.out_dir=models/synthetic --force
+	$(BIN)/python -m training run --config configs/synthetic.toml --force
+	$(BIN)/python -m export package --config configs/synthetic.toml --out models/synthetic
 
 train-tiny: $(VENV)/.dev  ## train the Tiny-ImageNet-200 default model (hours on CPU; resumes)
 	$(BIN)/python -m training run --config configs/tiny-imagenet-200.toml
+	$(BIN)/python -m export package --config configs/tiny-imagenet-200.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
@@ -65,9 +68,13 @@ bench-backends: $(VENV)/.dev $(MODEL_DIR)/manifest.json  ## ONNX Runtime against
 PROBE_DIR := runs/latency-probe/package
 $(PROBE_DIR)/manifest.json: | $(VENV)/.dev
 	$(BIN)/python -m training run --config configs/latency-probe.toml
+	$(BIN)/python -m export package --config configs/latency-probe.toml
 
 bench-probe: $(VENV)/.dev $(PROBE_DIR)/manifest.json  ## the same benchmark on the latency probe (trains it first, ~4 min)
 	$(BIN)/python bench/serve_bench.py --model-dir $(PROBE_DIR) $(BENCH_ARGS)
+
+bench-cores: $(VENV)/.dev $(MODEL_DIR)/manifest.json  ## this tree against BASELINE (default 56524a7) under wrk: req/s, p50, server cores -> bench/results/cores-*
+	$(BIN)/python bench/cores.py --model-dir $(MODEL_DIR) --baseline $(or $(BASELINE),56524a7) $(BENCH_ARGS)
 
 bench-tau: $(VENV)/.dev $(MODEL_DIR)/manifest.json  ## the τ controller under a load step -> bench/results/tau-control-* (plot)
 	$(BIN)/python bench/tau_control.py --model-dir $(MODEL_DIR) $(BENCH_ARGS)

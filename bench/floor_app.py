@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 from starlette.types import Receive, Scope, Send
 
+from modelpack.backend import RunnerOptions
 from modelpack.runner import PackageRunner
-from service.settings import Settings, runner_options
 
 _runner: PackageRunner | None = None
 _tau = 0.0  # CPCNN_TAU or the package's default, read at start-up
@@ -34,8 +34,12 @@ _tau = 0.0  # CPCNN_TAU or the package's default, read at start-up
 
 def _load() -> None:
     global _runner, _tau
-    settings = Settings()  # the service's runner options, so the floor runs the model alike
-    runner = PackageRunner(os.environ["CPCNN_MODEL_DIR"], runner_options(settings), verify=False)
+    # The service's variables for what runs the graphs, so the floor runs the model alike.
+    env = os.environ.get
+    options = RunnerOptions(backend=env("CPCNN_BACKEND", "onnxruntime"),
+                            precision=env("CPCNN_PRECISION", "auto"),
+                            threads=int(env("CPCNN_INTRA_OP_THREADS", "0")))
+    runner = PackageRunner(os.environ["CPCNN_MODEL_DIR"], options, verify=False)
     runner.warmup()
     _tau = float(os.environ.get("CPCNN_TAU", runner.manifest.activator.default_tau))
     _runner = runner

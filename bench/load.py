@@ -24,9 +24,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.launch import child_env, free_port, wait_until_ready  # noqa: E402
 from modelpack.manifest import load_manifest  # noqa: E402
 from modelpack.runner import PackageRunner  # noqa: E402
-from service.launch import child_env, free_port, wait_until_ready  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MODES = ("conditional", "original")
@@ -64,7 +64,7 @@ def machine_info() -> dict:
 # -- images ----------------------------------------------------------------------------------------
 def validation_images(model_dir: Path, count: int) -> np.ndarray:
     """``count`` images of the package's own validation split (needs the training extra)."""
-    from training.evaluate import validation_split
+    from export.evaluate import validation_split
 
     images, _ = validation_split(load_manifest(model_dir, verify=False))
     pick = np.random.default_rng(0).choice(len(images), size=min(count, len(images)), replace=False)
@@ -84,10 +84,11 @@ def encode_png(images: np.ndarray) -> list[bytes]:
 class Server:
     """A uvicorn child process serving ``model_dir`` with ``CPCNN_*`` settings ``env``; an idle
     one costs no CPU (ORT threads do not spin), so several can be up at once and be compared
-    side by side. ``app``: another ASGI app to serve the same way (the floor)."""
+    side by side. ``app``: another ASGI app to serve the same way (the floor); ``tree``: the
+    source tree it runs from (another commit's checkout, to compare with)."""
 
     def __init__(self, model_dir: Path, env: dict[str, str], app: str = "service.app:app",
-                 **settings: bool) -> None:
+                 tree: Path = ROOT, **settings: bool) -> None:
         self.settings = settings  # what the result rows record about this server
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -95,7 +96,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port",
              str(self.port), "--no-access-log", "--log-level", "warning"],
-            cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            cwd=tree, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         problem = wait_until_ready(f"{self.base}/readyz", alive=lambda: self.proc.poll() is None,
                                    timeout=120)
         if problem:

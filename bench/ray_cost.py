@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.launch import child_env, wait_until_ready  # noqa: E402
 from bench.load import (  # noqa: E402
     Server,
     drive,
@@ -34,7 +35,6 @@ from bench.load import (  # noqa: E402
     write_results,
 )
 from modelpack.manifest import default_model_dir  # noqa: E402
-from service.launch import child_env, wait_until_ready  # noqa: E402
 
 RAY_PORT = 8000  # deploy/ray/serve_config.yaml's http_options.port
 

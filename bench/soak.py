@@ -54,6 +54,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.launch import child_env, free_port, wait_until_ready  # noqa: E402
 from bench.load import machine_info  # noqa: E402
 from bench.overload import burst, stall_upload  # noqa: E402
 from modelpack.manifest import (  # noqa: E402
@@ -61,7 +62,6 @@ from modelpack.manifest import (  # noqa: E402
     default_model_dir,  # noqa: E402
     load_manifest,
 )
-from service.launch import child_env, free_port, wait_until_ready  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 

@@ -1,18 +1,16 @@
-"""The model card: ``README.md`` beside a package's manifest, written from the run that made it.
+"""The model card: ``README.md`` beside a package's manifest (written by ``export.build``).
 
 Everything in it is read from the manifest (components, clusters, τ sweep, accuracies, the exact
-config, the head candidates with their measured times) and the run directory (the cluster-size
-plot), so the card cannot drift from the package it describes. The τ-sweep table has the columns of paper 002's Table 2 (images
+config, the head candidates with their measured times), so the card cannot drift from the package
+it describes. The τ-sweep table has the columns of paper 002's Table 2 (images
 per number of heads run, accuracy gain, compute saving) plus top-1/top-5 and mean FLOPs.
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
-from pathlib import Path
 
-from modelpack.manifest import Manifest, SweepRow, load_manifest, sha256_file, write_manifest
+from modelpack.manifest import Manifest, SweepRow
 
 CARD = "README.md"
 CLUSTER_PLOT = "cluster_sizes.png"
@@ -111,7 +109,8 @@ def render_card(m: Manifest) -> str:
         f"`{t.dataset}`: a shared trunk and a clustifier run on every image, then only the "
         "hyper-class heads the confusion-threshold activator picks. Served by "
         "`make serve` / `uvicorn service.app:app`; reproduced by "
-        f"`python -m training run --config configs/{m.name}.toml`"
+        f"`python -m training run --config configs/{m.name}.toml` then "
+        f"`python -m export package --config configs/{m.name}.toml`"
         + (f" (data from `{cfg['data']['path']}`)." if cfg["data"].get("path") else "."), "",
         "## Summary (validation split)", "",
         "| model | top-1 | top-5 | MFLOPs per image | FLOP saving |", "|---|---|---|---|---|",
@@ -244,47 +243,3 @@ def head_selection_table(m: Manifest) -> list[str]:
         lines.append(f"| {c.cluster} | `{c.arch}` | {pct(c.accuracy)} | {c.flops / 1e6:.2f} | "
                      f"{_ms(c.latency_ms)} | {cost} | {'**yes**' if c.chosen else ''} |")
     return lines
-
-
-def write_card(package_dir: Path, run_dir: Path | None = None,
-               notes: Path | None = None) -> Path:
-    """Write ``README.md`` (and the cluster-size plot) into the package; list both in the manifest.
-
-    ``notes``: a markdown file appended as "Status against the targets" (what was measured
-    against what was asked, and what limited it), written by the people who trained the model.
-    """
-    package_dir = Path(package_dir)
-    m = load_manifest(package_dir)
-    extra = dict(m.extra_files)
-    plot = run_dir / CLUSTER_PLOT if run_dir is not None else None
-    if plot is not None and plot.exists():
-        shutil.copyfile(plot, package_dir / CLUSTER_PLOT)
-        extra[CLUSTER_PLOT] = sha256_file(package_dir / CLUSTER_PLOT)
-    card = package_dir / CARD
-    text = render_card(m)
-    if notes is not None:
-        text += "\n## Status against the targets\n\n" + Path(notes).read_text()
-    card.write_text(text)
-    extra[CARD] = sha256_file(card)
-    write_manifest(m.model_copy(update={"extra_files": extra}), package_dir)
-    load_manifest(package_dir)
-    return card
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m export.card PACKAGE_DIR [--run RUN_DIR]``: (re)write a package's model card."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m export.card", description=main.__doc__)
-    parser.add_argument("package_dir", type=Path)
-    parser.add_argument("--run", type=Path, help="the run directory (adds head candidates and "
-                        "the cluster-size plot)")
-    parser.add_argument("--notes", type=Path, help="markdown appended as 'Status against the "
-                        "targets'")
-    args = parser.parse_args(argv)
-    write_card(args.package_dir, args.run, args.notes)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

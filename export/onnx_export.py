@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from export.flops import count_flops, count_params
-from modelpack.ort_backend import session_options
+from training.onnx_import import ort_max_difference
 
 logger = logging.getLogger(__name__)
 
@@ -44,22 +43,6 @@ def torch_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, *input_shape))
     return int(counter.get_total_flops())
-
-
-def ort_max_difference(model: nn.Module, path: str | Path, inputs: list[np.ndarray]) -> float:
-    """Largest |PyTorch − ONNX Runtime| output difference of ``model`` (eval mode) and the graph at
-    ``path`` over ``inputs`` (float32 batches): the export's parity check, also the import's."""
-    session = ort.InferenceSession(str(path), sess_options=session_options(),
-                                   providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    worst = 0.0
-    for x in inputs:
-        with torch.no_grad():
-            expected = model.eval()(torch.from_numpy(x))
-        expected = expected if isinstance(expected, tuple) else (expected,)
-        for got, want in zip(session.run(None, {name: x}), expected, strict=True):
-            worst = max(worst, float(np.max(np.abs(got - want.numpy()))))
-    return worst
 
 
 def export_onnx(

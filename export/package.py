@@ -1,14 +1,13 @@
-"""Write a model package from a finished training run: ONNX files + a validated manifest."""
+"""The graphs of a package from a trained run: ONNX files, parity, FLOPs, measured times, the
+head choice, and the manifest describing them (written by ``export.build``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,39 +29,29 @@ from modelpack.manifest import (
     SplitPoint,
     TimingInfo,
     TrainingInfo,
-    load_manifest,
     sha256_file,
-    write_manifest,
 )
+from training.artifacts import RunArtifacts
 from training.config import config_to_dict
 from training.data import to_tensor
 from training.models.heads import WithClassLogits
 from training.models.resnet import build_trunk
 
-if TYPE_CHECKING:
-    from training.pipeline import Run
-
 logger = logging.getLogger(__name__)
 
 
-def export_run(run: Run, out_dir: Path, *, parity_images: int = 32) -> Manifest:
-    """Export trunk, clustifier, heads and the original model of ``run`` into ``out_dir``.
+def export_graphs(art: RunArtifacts, tmp: Path, *, parity_images: int = 32) -> Manifest:
+    """Export trunk, clustifier, heads and the original model of ``art`` into the empty ``tmp``.
 
     Every candidate head is exported and checked, then all graphs are timed side by side on the
     serving runtime; per cluster the cheapest candidate within ``head_tolerance`` of the best is
     kept (``head_cost``: measured time or FLOPs), the others are dropped from the package.
+    Returns the manifest of the files in ``tmp``, not yet written.
     """
-    cfg = run.cfg
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    original = run.load_original()
-    trunk = run.load_trunk()
-    clustifier = run.load_clustifier()
-    clusters = run.load_clusters()
+    cfg = art.config
+    original, trunk, clustifier, clusters = art.original, art.trunk, art.clustifier, art.clusters
     s = cfg.data.image_size
-    val_images, _ = run.part("val")
+    val_images, _ = art.images("val")
     real = to_tensor(torch.from_numpy(val_images[:parity_images]), cfg.mean, cfg.std)
     with torch.no_grad():
         real_features = trunk(real)
@@ -98,8 +87,8 @@ def export_run(run: Run, out_dir: Path, *, parity_images: int = 32) -> Manifest:
                              () if class_output is None else (class_output,)),
     }
     (tmp / CANDIDATES).mkdir()
-    for cand in run.head_candidates():
-        head = run.load_head(cand.cluster, cand.arch)
+    for cand in art.head_candidates:
+        head = art.load_head(cand.cluster, cand.arch)
         reports[_key(cand.cluster, cand.arch)] = export(
             head, f"{CANDIDATES}/cluster{cand.cluster}_{cand.arch}.onnx", feature_shape,
             real_features, "features", "logits")
@@ -113,7 +102,7 @@ def export_run(run: Run, out_dir: Path, *, parity_images: int = 32) -> Manifest:
               for k in reports}
     latency, timing = time_graphs({k: r.path for k, r in reports.items()}, shapes,
                                   threads=cfg.threads)
-    selection = _select_heads(run, reports, latency, timing)
+    selection = _select_heads(art, reports, latency, timing)
     components = {k: component(reports[k], name, i, o, latency[k]) for k, name, i, o in (
         ("original", resnet_name, "image", "logits"),
         ("trunk", f"{resnet_name} stem..{cfg.split_after}", "image", "features"),
@@ -136,42 +125,33 @@ def export_run(run: Run, out_dir: Path, *, parity_images: int = 32) -> Manifest:
                       trunk_latency_ms=trunk_c.latency_ms, chosen=True)],
         key=lambda p: original.stage_names.index(p.split_after))
     shutil.rmtree(tmp / CANDIDATES)
-    confusion = json.loads((run.dir / "confusion.json").read_text())
-    original_acc = torch.load(run.dir / "original.pt", map_location="cpu",
-                              weights_only=False)["val_accuracy"]
-    splits = run.splits
+    sizes = art.split_sizes
     manifest = Manifest(
         name=cfg.package.name,
         version=cfg.package.version,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        class_ids=run.dataset.class_ids,
-        class_names=run.dataset.class_names,
+        class_ids=art.class_ids,
+        class_names=art.class_names,
         input=InputSpec(size=s, mean=cfg.mean, std=cfg.std),
         trunk=trunk_c,
         clustifier=clus_c,
         original=orig,
         clusters=cluster_entries,
-        clustifier_confusion=confusion["calib"]["confusion"],
+        clustifier_confusion=art.clustifier_confusion,
         activator=ActivatorSpec(default_tau=cfg.package.default_tau, ranking=cfg.package.ranking,
                                 weighting=cfg.package.weighting, smoothing=cfg.package.smoothing,
                                 combination=cfg.package.combination),
         head_selection=selection,
         split_points=split_points,
         training=TrainingInfo(
-            dataset=run.dataset.name, num_classes=run.dataset.num_classes,
-            train_images=len(splits.train), calib_images=len(splits.calib),
-            val_images=len(splits.val), split_seed=cfg.seed,
-            original_accuracy=Accuracy(**original_acc),
-            clustifier_accuracy=confusion["val"]["accuracy"], config=config_to_dict(cfg),
+            dataset=art.dataset_name, num_classes=art.num_classes,
+            train_images=sizes.train, calib_images=sizes.calib, val_images=sizes.val,
+            split_seed=cfg.seed, original_accuracy=Accuracy(**art.original_accuracy),
+            clustifier_accuracy=art.clustifier_accuracy, config=config_to_dict(cfg),
         ),
     )
-    write_manifest(manifest, tmp)
-    load_manifest(tmp)  # what the service will do: schema, files, checksums
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    logger.info("package written to %s: original %.2f MFLOPs, trunk %.2f, clustifier %.2f, "
-                "heads %s", out_dir, orig.flops / 1e6, trunk_c.flops / 1e6, clus_c.flops / 1e6,
+    logger.info("graphs exported to %s: original %.2f MFLOPs, trunk %.2f, clustifier %.2f, "
+                "heads %s", tmp, orig.flops / 1e6, trunk_c.flops / 1e6, clus_c.flops / 1e6,
                 [round(c.head.flops / 1e6, 2) for c in cluster_entries])
     return manifest
 
@@ -201,12 +181,12 @@ def _key(cluster: int, arch: str) -> str:
     return f"cluster{cluster}_{arch}"
 
 
-def _select_heads(run: Run, reports: dict[str, ExportReport], latency: dict[str, dict[int, float]],
+def _select_heads(art: RunArtifacts, reports: dict[str, ExportReport], latency: dict[str, dict[int, float]],
                   timing: TimingInfo) -> HeadSelection:
-    """Every candidate with its measured cost; one per cluster chosen (``run.cfg.head_cost``)."""
-    cfg = run.cfg
+    """Every candidate with its measured cost; one per cluster chosen (``config.head_cost``)."""
+    cfg = art.config
     candidates = []
-    for cand in run.head_candidates():
+    for cand in art.head_candidates:
         key = _key(cand.cluster, cand.arch)
         cost = relative_time(latency[key], latency["original"]) if cfg.head_cost == "time" \
             else float(reports[key].flops)

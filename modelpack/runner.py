@@ -20,12 +20,14 @@ from typing import Any
 import numpy as np
 
 from modelpack.activator import Activation, Activator, combine, fill_unrun, softmax
-from modelpack.backend import Backend, RunnerOptions, open_backend
+from modelpack.backend import Backend, RunnerOptions
+from modelpack.backend_choice import open_backend
 from modelpack.manifest import InputSpec, Manifest, load_manifest
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("trunk", "clustifier", "activator", "heads", "combine")
+STAGES = ("trunk", "clustifier", "activator", "heads", "combine")  # conditional mode
+ORIGINAL_STAGE = "original"  # original mode: one stage
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,7 @@ class PackageRunner:
         o = self.manifest.original.flops
         flops = Flops(trunk=0, clustifier=0, heads=0, original=o, total=o)
         preds = [Prediction(s, flops) for s in scores]
-        return BatchResult(preds, {"original": t1 - t0})
+        return BatchResult(preds, {ORIGINAL_STAGE: t1 - t0})
 
     def warmup(self, largest_batch: int = 1) -> None:
         """Runs through every graph at the batch sizes the backend needs warmed (up to

@@ -15,10 +15,10 @@ from types import FrameType
 import uvicorn
 
 from service.app import app as application
-from service.app import resolve_settings
 from service.errors import StartupError
 from service.http_timeouts import timed_protocol
 from service.logconfig import configure_logging
+from service.settings import resolve_settings
 
 logger = logging.getLogger("service")
 

@@ -17,7 +17,6 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 from PIL import Image
 from prometheus_client import CollectorRegistry
-from pydantic import ValidationError
 
 from service.errors import StartupError, install_error_handlers
 from service.logconfig import configure_logging
@@ -31,7 +30,7 @@ from service.middleware import (
 from service.routes import admin, classify, health, model, v2
 from service.routes import metrics as metrics_route
 from service.runtime import InferenceService
-from service.settings import Settings, get_settings
+from service.settings import Settings, get_settings, resolve_settings
 from service.shutdown import readiness_first
 
 logger = logging.getLogger(__name__)
@@ -40,23 +39,6 @@ try:
     __version__ = version("cpcnn-serve")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.1.0"
-
-
-def describe_settings_error(error: ValidationError) -> str:
-    """One line per bad setting, named by its environment variable."""
-    lines = []
-    for e in error.errors():
-        field = str(e["loc"][0]) if e["loc"] else "?"
-        lines.append(f"CPCNN_{field.upper()}: {e['msg'].removeprefix('Value error, ')}")
-    return "invalid settings: " + "; ".join(lines)
-
-
-def resolve_settings(app: FastAPI) -> Settings:
-    """The settings this app runs with: an override (tests, ``create_app(settings)``) or the env."""
-    try:
-        return app.dependency_overrides.get(get_settings, get_settings)()
-    except ValidationError as e:
-        raise StartupError(describe_settings_error(e)) from e
 
 
 def _warn_unknown_env() -> None:

@@ -16,14 +16,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service.errors import AdminDisabled, ModelNotReady, Unauthorized
 from service.metrics import Metrics
 from service.runtime import InferenceService
-from service.settings import Settings
+from service.settings import Settings, resolve_settings
 
 
 async def get_app_settings(request: Request) -> Settings:
     """The settings the app started with (``create_app(settings)`` or the environment)."""
     settings = getattr(request.app.state, "settings", None)
     if settings is None:  # before the lifespan ran (an app used without starting it)
-        from service.app import resolve_settings
         settings = resolve_settings(request.app)
     return settings
 

@@ -27,17 +27,15 @@ from prometheus_client import (
     generate_latest,
 )
 
+from service.outcome import STAGES, ClassifyOutcome
 from service.tau_controller import STATES
 
 if TYPE_CHECKING:
     from modelpack.backend import Backend
     from modelpack.manifest import Manifest
-    from service.runtime import ClassifyOutcome
 
 PREFIX = "cpcnn"
 MODES = ("conditional", "original")
-STAGES = ("decode", "preprocess", "queue", "trunk", "clustifier", "activator", "heads", "combine",
-          "original")
 
 # FLOPs per image spans ~1e4 (toy models) to ~1e12: four buckets per decade.
 FLOPS_BUCKETS = tuple(round(10 ** (e / 4)) for e in range(16, 49))

@@ -23,67 +23,28 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import partial
-from typing import Literal
 
 import anyio
 import anyio.to_thread
 import numpy as np
-from PIL import Image
 
-from modelpack.manifest import Manifest
-from modelpack.runner import BatchResult, PackageRunner, Prediction
+from modelpack.runner import BatchResult, PackageRunner
 from modelpack.sweep import Target
+from service import intake
 from service.admission import Admission
 from service.batcher import BatchSlice, MicroBatcher
-from service.decode import decode_request, open_request, prepare
-from service.errors import InvalidImage, InvalidParameter, LimitExceeded
+from service.errors import InvalidParameter
+from service.intake import ImageInput
 from service.json_fields import CONFLICTING
 from service.metrics import Metrics
 from service.model_slot import ModelSlot
+from service.outcome import ClassifyOutcome, ImageOutcome, Mode
 from service.settings import Settings
 from service.tau_input import check_tau, tau_for
 
 logger = logging.getLogger(__name__)
-
-Mode = Literal["conditional", "original"]
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """One image as it arrived: its bytes and, for multipart uploads, its file name."""
-
-    data: bytes
-    filename: str | None = None
-    name: str = "image"  # how error messages refer to it ("file 2 ('cat.png')")
-
-
-@dataclass(frozen=True)
-class ImageOutcome:
-    filename: str | None
-    prediction: Prediction
-    decode_seconds: float
-    preprocess_seconds: float
-
-
-@dataclass(frozen=True)
-class ClassifyOutcome:
-    """The result of one request: per-image predictions, the τ used and where the time went."""
-
-    manifest: Manifest  # of the package that answered (stays right across a future reload)
-    mode: Mode
-    tau: float | None  # None in original mode (no activator)
-    images: list[ImageOutcome]
-    # decode/preprocess summed over the images; inference stages once for the whole batch
-    stage_seconds: dict[str, float]
-    total_seconds: float
-
-    @property
-    def inference_seconds(self) -> float:
-        return sum(v for k, v in self.stage_seconds.items() if k not in ("decode", "preprocess"))
-
 
 class InferenceService(ModelSlot):
     """The request scheduler on the model slot: decoding, the micro-batcher, worker threads."""
@@ -125,62 +86,25 @@ class InferenceService(ModelSlot):
         """Classify encoded ``images`` at ``tau`` (None: the current τ, or the τ the package's
         sweep gives for ``target``) in ``mode``, on ``snapshot`` (a ``snapshot()`` the caller
         already took; None: take one now)."""
-        if not images:
-            raise InvalidParameter("no images to classify")
-        datas, names = [img.data for img in images], [img.name for img in images]
-        limits = self._decode_limits
-        if sum(len(data) for data in datas) > INLINE_OPEN_MAX_BYTES:
-            prepare = partial(decode_request, datas, names, limits,  # headers too: off the loop
-                              reserve=self.admission.decoding)
-            inline = False
-        else:  # a small body's headers are cheap to parse here; its pixels decide where it decodes
-            t0 = time.perf_counter()
-            opened = open_request(datas, names, limits)
-            prepare = partial(decode_request, datas, names, limits, opened=opened,
-                              header_seconds=(time.perf_counter() - t0) / len(opened),
-                              reserve=self.admission.decoding)
-            inline = sum(img.width * img.height for img in opened) <= INLINE_PREPARE_MAX_PIXELS
-        return await self._classify(prepare, [img.filename for img in images], tau, mode,
-                                    inline=inline, snapshot=snapshot, target=target)
+        preparation = intake.from_bytes(images, self._decode_limits, self.admission.decoding)
+        return await self._classify(preparation, tau, mode, snapshot=snapshot, target=target)
 
     async def classify_pixels(self, pixels: np.ndarray, *, tau: float | None = None,
                               target: Target | None = None, mode: Mode = "conditional",
                               snapshot: tuple[PackageRunner, float] | None = None,
                               ) -> ClassifyOutcome:
-        """Classify decoded (N, H, W, 3) uint8 RGB ``pixels`` at ``tau`` in ``mode`` (on
-        ``snapshot``, as ``classify``).
+        """Classify decoded (N, H, W, 3) uint8 RGB ``pixels`` (``intake.from_pixels``) at ``tau``
+        in ``mode`` (on ``snapshot``, as ``classify``); decode time is 0."""
+        preparation = intake.from_pixels(pixels, self._decode_limits)
+        return await self._classify(preparation, tau, mode, snapshot=snapshot, target=target)
 
-        Images of another size than the model's are prepared (shorter side resized, centre crop)
-        with the same function as decoded uploads; decode time is 0.
-        """
-        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3 or not pixels.size:
-            raise InvalidImage(f"pixels must be a non-empty (N, H, W, 3) uint8 RGB array, got "
-                               f"shape {list(pixels.shape)} of {pixels.dtype}")
-        _, height, width, _ = pixels.shape
-        if height * width > self.settings.max_image_pixels:
-            raise LimitExceeded(
-                f"{height}x{width} images are more pixels than the limit of "
-                f"{self.settings.max_image_pixels} (CPCNN_MAX_IMAGE_PIXELS): send smaller images",
-                code="image_too_large")
-        if max(height, width) > self.settings.max_image_side:
-            raise LimitExceeded(
-                f"{height}x{width} images have a side longer than the limit of "
-                f"{self.settings.max_image_side} pixels (CPCNN_MAX_IMAGE_SIDE): send smaller images",
-                code="image_too_large")
-        return await self._classify(partial(_prepare_pixels, pixels), [None] * len(pixels), tau,
-                                    mode, inline=pixels[..., 0].size <= INLINE_PREPARE_MAX_PIXELS,
-                                    snapshot=snapshot, target=target)
-
-    async def _classify(self, prepare: Callable[[int], tuple[np.ndarray, list[tuple[float, float]]]],
-                        filenames: list[str | None], tau: float | None, mode: Mode,
-                        inline: bool = False,
+    async def _classify(self, preparation: intake.Preparation, tau: float | None, mode: Mode,
                         snapshot: tuple[PackageRunner, float] | None = None,
                         target: Target | None = None) -> ClassifyOutcome:
         """The one request path: snapshot (package, τ) → prepare → infer → outcome.
 
-        ``prepare(size)`` returns the (N, size, size, 3) uint8 batch and per-image
-        (decode, preprocess) seconds. It runs in a worker thread, or on the event loop when
-        ``inline`` (small images: the thread hop would cost more than the work).
+        The preparation runs in a worker thread, or on the event loop when it says it is cheap
+        enough (small images: the thread hop would cost more than the work).
         """
         self._active += 1  # the request is in flight until it returns or fails
         try:
@@ -196,12 +120,12 @@ class InferenceService(ModelSlot):
             if mode not in ("conditional", "original"):
                 raise InvalidParameter(f"mode must be 'conditional' or 'original', got {mode!r}")
             size = runner.manifest.input.size
-            if inline:
-                batch, timings = prepare(size)
+            if preparation.inline:
+                batch, timings = preparation.prepare(size)
             else:
                 self._arriving += 1  # the micro-batcher waits for requests still being prepared
                 try:
-                    batch, timings = await anyio.to_thread.run_sync(prepare, size)
+                    batch, timings = await anyio.to_thread.run_sync(preparation.prepare, size)
                 finally:
                     self._arriving -= 1
             result = await self.infer(runner, batch, tau_used, mode)
@@ -210,7 +134,7 @@ class InferenceService(ModelSlot):
                 mode=mode,
                 tau=tau_used if mode == "conditional" else None,
                 images=[ImageOutcome(name, pred, dec, pre)
-                        for name, pred, (dec, pre) in zip(filenames, result.predictions, timings,
+                        for name, pred, (dec, pre) in zip(preparation.filenames, result.predictions, timings,
                                                           strict=True)],
                 stage_seconds={"decode": sum(t[0] for t in timings),
                                "preprocess": sum(t[1] for t in timings), **result.timings},
@@ -266,27 +190,7 @@ class InferenceService(ModelSlot):
         return runner.run(batch, taus)
 
 
-# A request body of at most this many bytes has its image headers parsed on the event loop
-# (bounded work: parsing cost grows with the bytes); larger ones are opened in a worker thread.
-INLINE_OPEN_MAX_BYTES = 64 * 1024
-# Requests whose images add up to at most this many pixels (by their headers) are decoded and
-# prepared on the event loop: that takes ~0.1-0.6 ms (64-128 px PNG/JPEG on the 2-core machine),
-# less than handing them to a worker thread and back. Larger ones go to a worker thread (Pillow
-# releases the GIL while decoding), so one big image never stalls the loop.
-INLINE_PREPARE_MAX_PIXELS = 128 * 128
 # A model run of at most this many images may run on the event loop when nothing else is in
 # flight, so a request that arrives meanwhile waits no longer than one small run before the loop
 # reads it (bench/README.md: the measurements behind it; 0 sends every run to a worker thread).
 INLINE_RUN_MAX_IMAGES = 4
-
-
-def _prepare_pixels(pixels: np.ndarray, size: int) -> tuple[np.ndarray, list[tuple[float, float]]]:
-    """Decoded (N, H, W, 3) uint8 → (N, size, size, 3), resized like uploads when H, W differ."""
-    if pixels.shape[1:3] == (size, size):
-        return np.ascontiguousarray(pixels), [(0.0, 0.0)] * len(pixels)
-    arrays, timings = [], []
-    for image in pixels:  # (H, W, 3)
-        t0 = time.perf_counter()
-        arrays.append(prepare(Image.fromarray(image), size))
-        timings.append((0.0, time.perf_counter() - t0))
-    return np.stack(arrays), timings  # (N, size, size, 3)

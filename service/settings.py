@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import onnxruntime as ort
-from pydantic import Field, SecretStr, field_validator, model_validator
+from fastapi import FastAPI
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from modelpack.backend import RunnerOptions
 from modelpack.manifest import default_model_dir
+from service.errors import StartupError
 from service.tau_controller import ControllerConfig
 
 BYTES_PER_DECODED_PIXEL = 6
@@ -211,3 +213,20 @@ def runner_options(s: Settings) -> RunnerOptions:
 def get_settings() -> Settings:
     """The process's settings, read from the environment once."""
     return Settings()
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """One line per bad setting, named by its environment variable."""
+    lines = []
+    for e in error.errors():
+        field = str(e["loc"][0]) if e["loc"] else "?"
+        lines.append(f"CPCNN_{field.upper()}: {e['msg'].removeprefix('Value error, ')}")
+    return "invalid settings: " + "; ".join(lines)
+
+
+def resolve_settings(app: FastAPI) -> Settings:
+    """The settings this app runs with: an override (tests, ``create_app(settings)``) or the env."""
+    try:
+        return app.dependency_overrides.get(get_settings, get_settings)()
+    except ValidationError as e:
+        raise StartupError(describe_settings_error(e)) from e

@@ -22,7 +22,7 @@ from service.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from service.runtime import ImageInput
+from service.intake import ImageInput
 
 FILE_FIELD = "file"
 HOW_TO_SEND = ("send images as multipart/form-data field 'file' (curl -F file=@img.jpg, repeat for "

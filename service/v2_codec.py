@@ -1,7 +1,8 @@
-"""The Open Inference Protocol (KServe V2) codec: request bytes → ``InferCall``, result → response.
+"""The Open Inference Protocol (KServe V2) request codec: request bytes → ``InferCall``.
 
-Pure translation between V2 tensors (JSON data or Triton's binary tensor data extension) and the
-service's terms; ``service.routes.v2`` is the router around it. Parsing:
+Pure translation from V2 tensors (JSON data or Triton's binary tensor data extension) to the
+service's terms; ``service.routes.v2`` is the router around it, ``service.v2_response`` writes
+the answer and ``service.v2_tensors`` holds the element (de)serialisation both use. Parsing:
 
 1. undo a gzip/deflate ``Content-Encoding`` (still under ``CPCNN_MAX_BODY_BYTES``), split the body
    at ``Inference-Header-Content-Length`` into the JSON header and the binary tensor data,
@@ -9,23 +10,19 @@ service's terms; ``service.routes.v2`` is the router around it. Parsing:
    files; base64 strings in JSON, 4-byte little-endian length + bytes per element in binary) or
    ``pixels`` UINT8 ``[N, H, W, 3]``;
 
-encoding writes the requested outputs as JSON data or binary after the JSON header. Bad input is
+Bad input is
 ``InvalidRequest``/``InvalidParameter``/``LimitExceeded`` (the router answers them as 400/413).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
-import struct
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fastapi import Response
 from pydantic import ValidationError
 
 from modelpack.sweep import TARGET_KINDS, Target
@@ -36,8 +33,8 @@ from service.errors import (
     UnsupportedMediaType,
     describe_validation_errors,
 )
-from service.runtime import ImageInput, Mode
-from service.schemas import ClassifyResponse
+from service.intake import ImageInput
+from service.outcome import Mode
 from service.settings import Settings
 from service.tau_input import check_tau, query_target
 from service.upload import (  # the body limits of /classify, shared
@@ -45,15 +42,15 @@ from service.upload import (  # the body limits of /classify, shared
     parse_length,
 )
 from service.v2_schemas import (
+    HEADER_LENGTH,
     IMAGE_INPUT,
-    OUTPUT_DATATYPES,
     OUTPUTS,
     PIXELS_INPUT,
     InferenceRequest,
     Parameters,
 )
+from service.v2_tensors import base64_elements, binary_pixels, json_pixels, split_bytes
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 HOW_TO_SEND = (f"send exactly one input: '{IMAGE_INPUT}' (BYTES, shape [N]: encoded JPEG/PNG/... "
                f"files, base64 strings in JSON data) or '{PIXELS_INPUT}' (UINT8, shape "
                "[N, H, W, 3]: RGB pixels)")
@@ -174,15 +171,15 @@ def read_input(req: InferenceRequest, binary: bytes, has_header_length: bool,
         if tensor.shape not in ([n], [n, 1]) or n < 1:
             raise InvalidRequest(f"input {IMAGE_INPUT!r} must have shape [N] or [N, 1] with "
                                  f"N >= 1 (one element per image), got {tensor.shape}")
-        blobs = _split_bytes(binary, n) if size is not None else _base64_elements(tensor.data, n)
+        blobs = split_bytes(binary, n) if size is not None else base64_elements(tensor.data, n)
         return [ImageInput(b, name=f"element {i} of input {IMAGE_INPUT!r}")
                 for i, b in enumerate(blobs)], None
     if len(tensor.shape) != 4 or tensor.shape[3] != 3 or 0 in tensor.shape:
         raise InvalidRequest(f"input {PIXELS_INPUT!r} must have shape [N, H, W, 3] with every "
                              f"dimension >= 1 (RGB pixels), got {tensor.shape}")
     if size is not None:
-        return None, _binary_pixels(binary, tensor.shape)
-    return None, _json_pixels(tensor.data, tensor.shape)
+        return None, binary_pixels(binary, tensor.shape)
+    return None, json_pixels(tensor.data, tensor.shape)
 
 
 def _tau(value: Any) -> float | None:
@@ -249,128 +246,3 @@ def _outputs(req: InferenceRequest, binary_default: bool) -> list[tuple[str, boo
         where = f"output {out.name!r} parameter"
         seen.append((out.name, _flag(oparams, "binary_data", where, binary_default)))
     return seen
-
-
-def _split_bytes(buffer: bytes, n: int) -> list[bytes]:
-    """Triton's BYTES serialization: per element a 4-byte little-endian length, then the bytes."""
-    view, items, pos = memoryview(buffer), [], 0
-    while pos < len(view):
-        if pos + 4 > len(view):
-            raise InvalidRequest(f"binary data of input {IMAGE_INPUT!r} ends inside the 4-byte "
-                                 f"length of element {len(items)}")
-        (length,) = struct.unpack_from("<I", view, pos)
-        pos += 4
-        if pos + length > len(view):
-            raise InvalidRequest(f"element {len(items)} of input {IMAGE_INPUT!r} declares "
-                                 f"{length} bytes but only {len(view) - pos} follow")
-        items.append(bytes(view[pos:pos + length]))
-        pos += length
-    if len(items) != n:
-        raise InvalidRequest(f"input {IMAGE_INPUT!r} has shape [{n}] but its binary data holds "
-                             f"{len(items)} elements")
-    return items
-
-
-def _base64_elements(data: list[Any] | None, n: int) -> list[bytes]:
-    flat: list[Any] = []
-    for x in data or []:  # [N] or [N, 1]
-        flat.extend(x if isinstance(x, list) else [x])
-    if len(flat) != n:
-        raise InvalidRequest(f"input {IMAGE_INPUT!r} has shape [{n}] but {len(flat)} data "
-                             "elements")
-    blobs = []
-    for i, x in enumerate(flat):
-        if not isinstance(x, str):
-            raise InvalidRequest(f"element {i} of input {IMAGE_INPUT!r} must be a base64 string "
-                                 f"of an encoded image, got {type(x).__name__}")
-        try:
-            blobs.append(base64.b64decode(x, validate=True))
-        except (binascii.Error, ValueError) as e:
-            raise InvalidRequest(f"element {i} of input {IMAGE_INPUT!r} is not valid base64 "
-                                 f"({e}); JSON BYTES data are base64-encoded files") from e
-    return blobs
-
-
-def _binary_pixels(buffer: bytes, shape: list[int]) -> np.ndarray:
-    if len(buffer) != math.prod(shape):
-        raise InvalidRequest(f"input {PIXELS_INPUT!r} has shape {shape} ({math.prod(shape)} "
-                             f"bytes) but {len(buffer)} bytes of binary data")
-    return np.frombuffer(buffer, dtype=np.uint8).reshape(shape)  # (N, H, W, 3)
-
-
-def _json_pixels(data: list[Any] | None, shape: list[int]) -> np.ndarray:
-    try:
-        values = np.asarray(data)
-    except (ValueError, TypeError, OverflowError) as e:  # ragged nesting, ...
-        raise InvalidRequest(f"data of input {PIXELS_INPUT!r} is not a flat or nested list of "
-                             f"integers ({e})") from e
-    if values.size != math.prod(shape):
-        raise InvalidRequest(f"input {PIXELS_INPUT!r} has shape {shape} ({math.prod(shape)} "
-                             f"values) but {values.size} data values")
-    if values.dtype.kind not in "iu" or values.min() < 0 or values.max() > 255:
-        raise InvalidRequest(f"data of input {PIXELS_INPUT!r} must be integers in [0, 255]")
-    return values.astype(np.uint8).reshape(shape)  # (N, H, W, 3)
-
-
-# -- writing the response --------------------------------------------------------------------
-def encode_response(call: InferCall, result: ClassifyResponse, scores: np.ndarray) -> Response:
-    """The V2 response: JSON, or JSON + binary outputs when any output is binary."""
-    results = result.results
-    tensors: dict[str, np.ndarray] = {
-        "probabilities": scores.astype(np.float32),  # (N, C)
-        "top_k_indices": np.array([[p.index for p in r.predictions] for r in results],
-                                  dtype=np.int64),  # (N, k)
-        "top_k_scores": np.array([[p.score for p in r.predictions] for r in results],
-                                 dtype=np.float32),  # (N, k)
-        "labels": np.array([[p.class_name for p in r.predictions] for r in results],
-                           dtype=np.object_),  # (N, k)
-    }
-    outputs, blobs = [], []
-    for name, binary in call.outputs:
-        array, datatype = tensors[name], OUTPUT_DATATYPES[name]
-        out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if binary:
-            blob = _tensor_bytes(array, datatype)
-            out["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            out["data"] = array.ravel().tolist()
-        outputs.append(out)
-    body: dict[str, Any] = {"model_name": result.model.name,
-                            "model_version": result.model.version}
-    if call.id is not None:
-        body["id"] = call.id
-    body["parameters"] = response_parameters(result)
-    body["outputs"] = outputs
-    header = json.dumps(body).encode()
-    if not blobs:
-        return Response(header, media_type="application/json")
-    return Response(header + b"".join(blobs), media_type="application/octet-stream",
-                    headers={HEADER_LENGTH: str(len(header))})
-
-
-def _tensor_bytes(array: np.ndarray, datatype: str) -> bytes:
-    if datatype == "BYTES":
-        encoded = [str(s).encode() for s in array.ravel()]
-        return b"".join(struct.pack("<I", len(e)) + e for e in encoded)
-    little_endian = {"FP32": "<f4", "INT64": "<i8"}[datatype]
-    return np.ascontiguousarray(array, dtype=little_endian).tobytes()
-
-
-def response_parameters(result: ClassifyResponse) -> dict[str, bool | int | float | str]:
-    """FLOPs, heads and latency of the request; structured values as JSON strings (V2 allows
-    only bool/number/string parameter values)."""
-    flops_total = sum(r.flops.total for r in result.results)
-    flops_original = sum(r.flops.original for r in result.results)
-    params: dict[str, bool | int | float | str] = {"mode": result.mode, "top_k": result.top_k}
-    if result.tau is not None:
-        params["tau"] = result.tau
-    params.update(flops_total=flops_total, flops_original=flops_original,
-                  flop_saving=1.0 - flops_total / flops_original if flops_original else 0.0)
-    if result.mode == "conditional":
-        params["heads"] = json.dumps([[[h.head, h.weight] for h in r.heads or []]
-                                      for r in result.results])
-    params["flops"] = json.dumps([r.flops.model_dump() for r in result.results])
-    params["latency_ms"] = json.dumps({stage: round(seconds * 1000, 4) for stage, seconds
-                                       in result.latency.model_dump(exclude_none=True).items()})
-    return params

@@ -28,6 +28,7 @@ EXTENSIONS = ["binary_tensor_data", "parameters"]
 
 # Inputs: exactly one per request, either encoded images or decoded pixels.
 IMAGE_INPUT = "image"  # BYTES [N] or [N, 1]: JPEG/PNG/... files (base64 strings in JSON)
+HEADER_LENGTH = "Inference-Header-Content-Length"  # binary tensor data: JSON header size
 PIXELS_INPUT = "pixels"  # UINT8 [N, H, W, 3]: RGB pixels, resized/cropped to the model's size
 
 # Outputs, in the order they are returned when a request names none.

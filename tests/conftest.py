@@ -1,7 +1,7 @@
 """Shared fixtures: one small CP-CNN package trained end to end on the synthetic dataset.
 
-Building it (train → cluster → clustifier → heads → export → τ sweep) is the end-to-end test of
-the pipeline; the service tests reuse the same package so the suite trains it once.
+Building it (train → cluster → clustifier → heads, then export → τ sweep → card) is the
+end-to-end test of the pipeline; the service tests reuse the same package so the suite trains it once.
 """
 
 from __future__ import annotations
@@ -40,7 +40,12 @@ def synthetic_run(tmp_path_factory) -> Run:
 
 @pytest.fixture(scope="session")
 def synthetic_package(synthetic_run: Run) -> Path:
-    return synthetic_run.package_dir()
+    """The run exported (graphs, timed head choice, τ sweep, card): ``python -m export package``."""
+    from export.build import build_package
+
+    artifacts = synthetic_run.artifacts()
+    build_package(artifacts)
+    return artifacts.package_dir
 
 
 # -- the service on the synthetic package: shared by the service test modules ------------------

@@ -10,8 +10,9 @@ import threading
 import numpy as np
 import pytest
 
-from modelpack import backend as backends
-from modelpack.backend import RunnerOptions, choose_backend
+from modelpack import backend_choice as backends
+from modelpack.backend import RunnerOptions
+from modelpack.backend_choice import choose_backend
 from modelpack.runner import PackageRunner, normalize
 from tests.conftest import SHIPPED_PACKAGE
 

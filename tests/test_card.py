@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from export.card import CARD, sweep_table
+from export.sweep import choose_default_tau
 from modelpack.manifest import SweepRow, load_manifest, sha256_file
-from training.evaluate import choose_default_tau
 
 ORIGINAL_TOP1 = 0.50
 
@@ -93,13 +93,13 @@ def test_pipeline_writes_a_card_the_manifest_vouches_for(synthetic_package):
 
 
 def test_a_fresh_evaluation_reproduces_the_cards_sweep(synthetic_package, capsys):
-    """`python -m training.evaluate PACKAGE` rebuilds the validation split from the manifest's
+    """`python -m export evaluate PACKAGE` rebuilds the validation split from the manifest's
     config and must print the very rows the card and manifest hold."""
-    from training.evaluate import main
+    from export.__main__ import main
 
     m = load_manifest(synthetic_package)
     taus = [r.tau for r in m.tau_sweep][::3]
-    assert main([str(synthetic_package), "--taus", ",".join(f"{t:g}" for t in taus)]) == 0
+    assert main(["evaluate", str(synthetic_package), "--taus", ",".join(f"{t:g}" for t in taus)]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     card = (synthetic_package / CARD).read_text()
     assert len(printed) == len(taus)
@@ -113,7 +113,7 @@ def test_a_fresh_evaluation_reproduces_the_cards_sweep(synthetic_package, capsys
 def test_the_card_shows_the_bf16_sweep_beside_fp32(synthetic_package):
     """Where OpenVINO and a bf16 CPU are there, the sweep also runs in bf16 and the card puts
     its top-1/top-5 beside fp32's at every τ (routes and FLOPs are the same)."""
-    from modelpack.backend import openvino_available
+    from modelpack.backend_choice import openvino_available
 
     if not openvino_available():
         pytest.skip("the openvino extra is not installed")

@@ -158,7 +158,7 @@ def test_big_app_segments_are_parsed_off_the_event_loop(client, monkeypatch, thr
         opened.append(True)
         return real_open(*args, **kwargs)
 
-    monkeypatch.setattr("service.runtime.open_request", open_spy)  # the loop's door: unused
+    monkeypatch.setattr("service.intake.open_request", open_spy)  # the loop's door: unused
     r = client.post("/classify", content=data, headers={"Content-Type": "image/jpeg"})
     assert r.status_code == 200, r.text
     assert "decode_request" in thread_hops and not opened

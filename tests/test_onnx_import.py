@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from export.onnx_export import export_onnx, ort_max_difference
+from export.onnx_export import export_onnx
 from training.engine import OptimConfig, loss_fn
 from training.models.resnet import ResNet, ResNetConfig
-from training.onnx_import import import_original
+from training.onnx_import import import_original, ort_max_difference
 
 CFG = ResNetConfig(layers=(1, 1, 1), width=8, stem_stride=2, num_classes=7, input_size=32)
 

@@ -26,9 +26,9 @@ def test_clusters_match_planted_superclasses(synthetic_run):
     assert (synthetic_run.dir / "cluster_sizes.png").stat().st_size > 0
 
 
-def test_every_stage_left_its_artifact(synthetic_run):
+def test_every_stage_left_its_artifact(synthetic_run, synthetic_package):
     assert all(synthetic_run.done(s) for s in STAGES)
-    m = load_manifest(synthetic_run.package_dir())
+    m = load_manifest(synthetic_package)
     # This clustifier is not built on the original's classifier: no class logits, no fill.
     assert m.clustifier.class_output == "" and m.activator.fill == "none"
     heads = json.loads((synthetic_run.dir / "heads.json").read_text())
@@ -128,6 +128,7 @@ def test_pruned_heads_and_joint_combination_end_to_end(synthetic_run, tmp_path):
     fixture's original, similarity and clusters, and runs the later stages through the sweep."""
     import shutil
 
+    from export.build import build_package
     from tests.conftest import ROOT, TEST_OVERRIDES
     from training.config import load_config
     from training.pipeline import Run
@@ -148,12 +149,14 @@ def test_pruned_heads_and_joint_combination_end_to_end(synthetic_run, tmp_path):
     ]
     run = Run(load_config(ROOT / "configs" / "synthetic.toml", overrides))
     run.run()
-    m = load_manifest(run.package_dir())
+    package = run.artifacts().package_dir
+    build_package(run.artifacts())
+    m = load_manifest(package)
     assert m.activator.combination == "joint"
     # A pooling clustifier exports its class logits; the sweep chose the top-5 fill on calib.
     assert m.clustifier.class_output == "class_logits"
     assert m.activator.fill in ("none", "clustifier") and "calibration" in m.activator.fill_reason
-    filled = PackageRunner(run.package_dir(), manifest=m.model_copy(update={
+    filled = PackageRunner(package, manifest=m.model_copy(update={
         "activator": m.activator.model_copy(update={"fill": "clustifier"})}))
     images, _ = run.part("val")
     for p in filled.run(images[:8], 0.0).predictions:
@@ -163,7 +166,7 @@ def test_pruned_heads_and_joint_combination_end_to_end(synthetic_run, tmp_path):
         assert p.scores.sum() == pytest.approx(1.0)
     import onnx  # package.weights = "fp16": every component's large weights stored as float16
     for comp in m.components().values():
-        graph = onnx.load(str(run.package_dir() / comp.file)).graph
+        graph = onnx.load(str(package / comp.file)).graph
         assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
     features, _, labels = run.train_features()
     assert len(features) == len(labels) == len(run.splits.train)  # no mirrored copies
@@ -181,12 +184,12 @@ def test_pruned_heads_and_joint_combination_end_to_end(synthetic_run, tmp_path):
     assert last.top1 >= m.training.original_accuracy.top1 - 0.1
 
 
-def test_diagnose_compares_the_heads_with_the_original_as_heads(synthetic_run):
-    """training.diagnose: with the original restricted to each cluster as heads, τ = 0 is right
+def test_diagnose_compares_the_heads_with_the_original_as_heads(synthetic_run, synthetic_package):
+    """export.diagnose: with the original restricted to each cluster as heads, τ = 0 is right
     only where the clustifier is; with one head both combination rules agree."""
-    from training.diagnose import diagnose, markdown
+    from export.diagnose import diagnose, markdown
 
-    report = diagnose(synthetic_run.dir, synthetic_run.package_dir(), [0.0, 1.0])
+    report = diagnose(synthetic_run.artifacts(), synthetic_package, [0.0, 1.0])
     first, last = report["rows"]
     assert first["mean_heads"] == 1.0 and last["mean_heads"] == len(synthetic_run.load_clusters())
     assert first["original_eq3"] == first["original_joint"]  # one head: both rules agree
@@ -197,19 +200,43 @@ def test_diagnose_compares_the_heads_with_the_original_as_heads(synthetic_run):
     assert "| 0 | 1.00 |" in markdown(report)
 
 
-def test_a_package_of_another_run_in_out_dir_is_not_this_runs_export(synthetic_run, tmp_path):
-    """out_dir held release N while run N+1 trained: its export must not count as done."""
-    from modelpack.manifest import copy_package
-    from training.config import config_from_dict, config_to_dict
+def test_export_refuses_a_run_that_has_not_finished_training(synthetic_run, tmp_path):
+    """Export takes a finished run only, and says which stages are missing and what to run."""
+    import shutil
+
     from training.pipeline import Run
 
-    cfg = config_from_dict({**json.loads((synthetic_run.dir / "config.json").read_text()),
-                            "run_dir": str(synthetic_run.dir),
-                            "package": {"out_dir": str(tmp_path / "pkg")}})
-    copy_package(synthetic_run.package_dir(), tmp_path / "pkg")
-    assert Run(cfg).done("export")
-    other = config_from_dict({**config_to_dict(cfg), "run_dir": str(tmp_path / "other-run")})
-    assert not Run(other).done("export")
+    run_dir = tmp_path / "half-run"
+    run_dir.mkdir()
+    for name in ("original.pt", "similarity.npz", "clusters.json"):
+        shutil.copy(synthetic_run.dir / name, run_dir / name)
+    config = json.loads((synthetic_run.dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "run_dir": str(run_dir)}))
+    run = Run.open(run_dir)
+    with pytest.raises(FileNotFoundError, match=r"\(stages trunk, clustifier, heads, confusion "
+                       r"not done\): run `python -m training run"):
+        run.artifacts()
+
+
+def test_the_export_cli_packages_a_run_and_rewrites_its_card(synthetic_run, synthetic_package,
+                                                             tmp_path):
+    """`python -m export package RUN_DIR --out D --no-sweep` then `card D --notes N`: the card is
+    rendered from the manifest, the notes appended, and the checksums still validate."""
+    from export.__main__ import main
+
+    out = tmp_path / "pkg"
+    assert main(["package", str(synthetic_run.dir), "--out", str(out), "--no-sweep",
+                 "--version", "9.9.9"]) == 0
+    m = load_manifest(out)  # schema, files, checksums
+    assert m.version == "9.9.9" and m.tau_sweep == [] and not (out / "tau_sweep.png").exists()
+    assert not out.with_name("pkg.partial").exists()
+    notes = tmp_path / "notes.md"
+    notes.write_text("Measured: nothing yet.\n")
+    assert main(["card", str(out), "--notes", str(notes)]) == 0
+    card = (out / "README.md").read_text()
+    assert card.startswith("# synthetic 9.9.9") and card.endswith("Measured: nothing yet.\n")
+    load_manifest(out)  # the card's new checksum is in the manifest
+    assert main(["package", str(tmp_path / "no-such-run")]) == 2
 
 
 def test_original_can_start_from_a_runs_original_pt(synthetic_run, tmp_path):

@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.launch import child_env, free_port, wait_until_ready
+from bench.launch import child_env, free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS = shutil.which("prometheus")

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from service.launch import free_port, wait_until_ready
+from bench.launch import free_port, wait_until_ready
 from tests.test_hostile_input import encode, gradient
 from tests.test_service_server import start_server, stop
 

@@ -123,9 +123,9 @@ def test_small_images_decode_on_the_loop_large_ones_in_a_worker_thread(client, m
                                                                        thread_hops, side, in_thread):
     """Up to INLINE_PREPARE_MAX_PIXELS (128²) a thread hop costs more than decoding; above it the
     event loop must not stall, so decoding goes to a worker thread. Same answer either way."""
-    from service import runtime
+    from service import intake
 
-    assert runtime.INLINE_PREPARE_MAX_PIXELS == 128 * 128
+    assert intake.INLINE_PREPARE_MAX_PIXELS == 128 * 128
     hops = thread_hops
     data = encode(gradient((side, side)))
     result = classify(client, data)

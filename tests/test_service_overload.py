@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from bench.launch import free_port, wait_until_ready
 from service.app import create_app
-from service.launch import free_port, wait_until_ready
 from service.settings import Settings
 from tests.conftest import SHIPPED_PACKAGE
 from tests.test_hostile_input import encode, gradient

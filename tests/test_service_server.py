@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.launch import child_env, free_port, wait_until_ready
+from bench.launch import child_env, free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 

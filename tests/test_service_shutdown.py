@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.launch import child_env, free_port, wait_until_ready
+from bench.launch import child_env, free_port, wait_until_ready
 from tests.conftest import SHIPPED_PACKAGE
 from tests.test_service_server import stop
 

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from bench.launch import free_port
 from modelpack.manifest import load_manifest
-from service.launch import free_port
 from tests.conftest import ROOT, TEST_OVERRIDES
 
 pytestmark = pytest.mark.slow
@@ -34,14 +34,17 @@ def two_process_run(tmp_path_factory):
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    exported = subprocess.run([sys.executable, "-m", "export", "package", str(run_dir)], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=900)
+    assert exported.returncode == 0, exported.stderr[-3000:]
     return run_dir, done.stderr
 
 
-def test_two_processes_train_one_package(two_process_run, synthetic_run):
+def test_two_processes_train_one_package(two_process_run, synthetic_package):
     run_dir, log = two_process_run
     assert "rank 0 of 2 (gloo)" in log  # really distributed (rank 1 logs warnings only)
     m = load_manifest(run_dir / "package", verify=True)  # schema, files and checksums
-    one = load_manifest(synthetic_run.package_dir())
+    one = load_manifest(synthetic_package)
     assert m.num_clusters >= 2 and len(m.class_names) == len(one.class_names)
     assert abs(m.training.original_accuracy.top1 - one.training.original_accuracy.top1) <= TOLERANCE
     row = {r.tau: r for r in m.tau_sweep}

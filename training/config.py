@@ -59,8 +59,8 @@ class PackageConfig:
     version: str = "0.1.0"  # package version
     out_dir: str = ""  # where to write the package ("" = <run_dir>/package)
     default_tau: float = 0.7  # the paper's choice for CIFAR-100; used unless choose_tau
-    choose_tau: bool = False  # pick default_tau from the sweep (training.evaluate.choose_default_tau)
-    choose_fill: bool = True  # score the classes of heads not run from the clustifier's class softmax when that helps top-5 on the calibration split (training.evaluate.choose_fill)
+    choose_tau: bool = False  # pick default_tau from the sweep (export.sweep.choose_default_tau)
+    choose_fill: bool = True  # score the classes of heads not run from the clustifier's class softmax when that helps top-5 on the calibration split (export.sweep.choose_fill)
     max_top1_loss: float = 0.01  # ... as the biggest FLOP saving within this top-1 loss
     ranking: str = "confusion"  # activator cluster ranking: confusion (paper) | probability
     weighting: str = "confusion"  # activator weights: confusion (paper, Eq. 3) | probability

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 from torch import nn
 
+from modelpack.ort_backend import session_options
 from training.models.resnet import ResNet, ResNetConfig
 
 logger = logging.getLogger(__name__)
@@ -140,3 +142,18 @@ def import_original(onnx_path: str | Path, cfg: ResNetConfig, images: Iterable[t
                 onnx_path, len(convs), count[convs[0]])
     return model
 
+
+def ort_max_difference(model: nn.Module, path: str | Path, inputs: list[np.ndarray]) -> float:
+    """Largest |PyTorch − ONNX Runtime| output difference of ``model`` (eval mode) and the graph at
+    ``path`` over ``inputs`` (float32 batches): the export's parity check, also the import's."""
+    session = ort.InferenceSession(str(path), sess_options=session_options(),
+                                   providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    worst = 0.0
+    for x in inputs:
+        with torch.no_grad():
+            expected = model.eval()(torch.from_numpy(x))
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        for got, want in zip(session.run(None, {name: x}), expected, strict=True):
+            worst = max(worst, float(np.max(np.abs(got - want.numpy()))))
+    return worst

@@ -10,8 +10,9 @@ Stages, in order:
 5. clustifier  — small net on trunk features → cluster           → clustifier.pt
 6. heads       — per cluster, every family member               → heads/*.pt, heads.json
 7. confusion   — clustifier confusion matrix on held-out data    → confusion.json
-8. export      — ONNX, parity, FLOPs, timed head choice, manifest → package/
-9. sweep       — τ sweep through the package runner              → manifest tau_sweep, tau_sweep.png
+
+Training ends there. ``Run.artifacts()`` hands the trained parts to export (``python -m export
+package RUN_DIR``: ONNX, parity, FLOPs, timed head choice, τ sweep, card, manifest).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from training import distributed as ddp
 from training import precision as prec
+from training.artifacts import HeadChoice, RunArtifacts, SplitSizes
 from training.clustering import linkage_clusters, spectral_clusters
 from training.config import RunConfig, config_from_dict, config_to_dict
 from training.data import ImageSet, Splits, load_dataset, split_dataset, to_tensor
@@ -39,14 +41,13 @@ from training.engine import IGNORE, feature_transform, fit, image_transform, pre
 from training.models.heads import ClusterPool, HeadNet
 from training.models.resnet import ResNet, ResNetConfig, Trunk, build_trunk
 from training.models.widen import widen_resnet
-from training.onnx_import import import_original, onnx_stem_width
+from training.onnx_import import import_original, onnx_stem_width, ort_max_difference
 from training.similarity import class_similarity, confusion_matrix
 
 logger = logging.getLogger(__name__)
 
 TRAINED = ("original", "clustifier", "heads")  # under torchrun, every process runs these
-STAGES = ("original", "similarity", "clustering", "trunk", "clustifier", "heads", "confusion",
-          "export", "sweep")
+STAGES = ("original", "similarity", "clustering", "trunk", "clustifier", "heads", "confusion")
 
 
 def _write_json(path: Path, obj: object) -> None:
@@ -63,16 +64,6 @@ def module_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
         module(torch.zeros(1, *input_shape))
     module.train(was_training)
     return int(counter.get_total_flops())
-
-
-@dataclass
-class HeadChoice:
-    """A trained candidate head (heads.json): the export times it and may choose it."""
-
-    cluster: int
-    arch: str
-    accuracy: float
-    flops: int
 
 
 class Run:
@@ -175,12 +166,7 @@ class Run:
             "original": "original.pt", "similarity": "similarity.npz",
             "clustering": "clusters.json", "trunk": "trunk.json", "clustifier": "clustifier.pt",
             "heads": "heads.json", "confusion": "confusion.json",
-            "sweep": "sweep.json",
-        }.get(stage)
-        if stage == "export":  # a package of this run, not whatever another run left in out_dir
-            manifest = self.package_dir() / "manifest.json"
-            return manifest.exists() and json.loads(manifest.read_text()).get(
-                "training", {}).get("config", {}).get("run_dir") == self.cfg.run_dir
+        }[stage]
         return (self.dir / marker).exists()
 
     def run(self, stages: tuple[str, ...] = STAGES, force: bool = False) -> None:
@@ -262,7 +248,6 @@ class Run:
         BN statistics are measured on ``stat_images`` training images; parity with ONNX Runtime
         is checked (a graph that does not match ``model_cfg`` is refused).
         """
-        from export.onnx_export import ort_max_difference
         images, _ = self.part("train")
         rng = np.random.default_rng(self.cfg.seed)
         pick = np.sort(rng.choice(len(images), size=min(stat_images, len(images)), replace=False))
@@ -492,22 +477,24 @@ class Run:
                     out["val"]["accuracy"])
         _write_json(self.dir / "confusion.json", out)
 
-    def package_dir(self) -> Path:
-        return Path(self.cfg.package.out_dir) if self.cfg.package.out_dir else self.dir / "package"
-
-    def stage_export(self) -> None:
-        """8. Export every part to ONNX with parity and FLOP checks, and write the manifest."""
-        from export.package import export_run
-        export_run(self, self.package_dir())
-
-    def stage_sweep(self) -> None:
-        """9. τ sweep over the exported package, through the serving runner and activator."""
-        from training.evaluate import sweep_package
-        images, labels = self.part("val")
-        pc = self.cfg.package
-        rows = sweep_package(self.package_dir(), images, labels, pc.sweep_taus,
-                             max_top1_loss=pc.max_top1_loss if pc.choose_tau else None,
-                             calib=self.part("calib") if pc.choose_fill else None)
-        _write_json(self.dir / "sweep.json", [r.model_dump() for r in rows])
-        from export.card import write_card
-        write_card(self.package_dir(), self.dir)
+    def artifacts(self) -> RunArtifacts:
+        """The trained parts for export; every stage must have run (``python -m training run``)."""
+        missing = [stage for stage in STAGES if not self.done(stage)]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.dir} has not finished training (stages {', '.join(missing)} not done): "
+                f"run `python -m training run --config …` with run_dir = {str(self.dir)!r} first")
+        confusion = json.loads((self.dir / "confusion.json").read_text())
+        state = torch.load(self.dir / "original.pt", map_location="cpu", weights_only=False)
+        plot = self.dir / "cluster_sizes.png"
+        return RunArtifacts(
+            config=self.cfg, dataset_name=self.dataset.name, class_ids=self.dataset.class_ids,
+            class_names=self.dataset.class_names,
+            split_sizes=SplitSizes(len(self.splits.train), len(self.splits.calib),
+                                   len(self.splits.val)),
+            clusters=self.load_clusters(), original=self.load_original(), trunk=self.load_trunk(),
+            clustifier=self.load_clustifier(), head_candidates=self.head_candidates(),
+            load_head=self.load_head, original_accuracy=state["val_accuracy"],
+            clustifier_accuracy=confusion["val"]["accuracy"],
+            clustifier_confusion=confusion["calib"]["confusion"],
+            cluster_plot=plot if plot.exists() else None, images=self.part)

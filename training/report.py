@@ -1,4 +1,4 @@
-"""Plots a person would rather look at than read: cluster sizes and the τ trade-off curve."""
+"""Plots a person would rather look at than read: the clusters' sizes (stage 3)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import matplotlib
 matplotlib.use("Agg")  # headless: training runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from modelpack.manifest import SweepRow  # noqa: E402
-
 
 def plot_cluster_sizes(sizes: Sequence[int], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(4, 0.4 * len(sizes) + 2), 3))
@@ -20,34 +18,6 @@ def plot_cluster_sizes(sizes: Sequence[int], path: Path) -> None:
     ax.set_ylabel("classes")
     ax.set_title(f"{len(sizes)} clusters, {sum(sizes)} class memberships")
     ax.set_xticks(range(len(sizes)))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_tau_sweep(rows: Sequence[SweepRow], original_top1: float, original_flops: int,
-                   path: Path, title: str = "") -> None:
-    """Top-1 against mean FLOPs, one point per τ, with the original model as a reference."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    x = [r.mean_flops / 1e6 for r in rows]
-    y = [100 * r.top1 for r in rows]
-    ax.plot(x, y, "o-", color="tab:blue", label="CP-CNN (τ sweep)")
-    # One label per distinct point: several τ often give the same routing (e.g. τ=0…0.8).
-    labels: dict[tuple[float, float], list[float]] = {}
-    for r, xi, yi in zip(rows, x, y, strict=True):
-        labels.setdefault((round(xi, 6), round(yi, 6)), []).append(r.tau)
-    for k, ((xi, yi), taus) in enumerate(labels.items()):
-        text = f"τ={taus[0]:g}" if len(taus) == 1 else f"τ={taus[0]:g}…{taus[-1]:g}"
-        ax.annotate(text, (xi, yi), textcoords="offset points", fontsize=8,
-                    xytext=(4, 6 if k % 2 else -12))
-    ax.plot([original_flops / 1e6], [100 * original_top1], "s", color="tab:red",
-            label="original model")
-    ax.axhline(100 * original_top1, color="tab:red", lw=0.8, ls="--")
-    ax.set_xlabel("mean MFLOPs per image")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or "accuracy against compute")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

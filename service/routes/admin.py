@@ -12,22 +12,21 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ValidationError
 
 from modelpack.sweep import expected_at
-from service.deps import ReadyServiceDep, SettingsDep, require_admin
-from service.errors import InvalidParameter, describe_validation_errors
-from service.fleet import publish_reload
-from service.json_fields import CONFLICTING
-from service.packages import resolve_package_dir
-from service.schemas import (
+from service.admin_schemas import (
     ControllerStatus,
-    ModelRef,
     Reloaded,
     ReloadRequest,
     TauChanged,
     TauState,
     TauUpdate,
-    error_responses,
     expected_figures,
 )
+from service.deps import ReadyServiceDep, SettingsDep, require_admin
+from service.errors import InvalidParameter, describe_validation_errors
+from service.fleet import publish_reload
+from service.json_fields import CONFLICTING
+from service.packages import resolve_package_dir
+from service.schemas import ModelRef, error_responses
 from service.tau_controller import ControllerConfig
 from service.tau_input import check_tau, tau_for
 from service.upload import read_body

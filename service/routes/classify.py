@@ -9,7 +9,8 @@ from fastapi import APIRouter, Query, Request, Response
 
 from modelpack.sweep import Target
 from service.deps import ReadyServiceDep, SettingsDep
-from service.runtime import InferenceService, Mode
+from service.outcome import Mode
+from service.runtime import InferenceService
 from service.schemas import ClassifyResponse, Latency, classify_response, error_responses
 from service.settings import Settings
 from service.tau_input import query_target

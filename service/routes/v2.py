@@ -40,9 +40,11 @@ from service.schemas import classify_response
 from service.upload import (
     read_body,  # the body limits of /classify, shared
 )
-from service.v2_codec import HEADER_LENGTH, encode_response, parse_infer_request
+from service.v2_codec import parse_infer_request
+from service.v2_response import encode_response
 from service.v2_schemas import (
     EXTENSIONS,
+    HEADER_LENGTH,
     IMAGE_INPUT,
     OUTPUTS,
     PIXELS_INPUT,

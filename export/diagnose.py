@@ -1,6 +1,6 @@
 """What limits a CP-CNN package: the clustifier, the heads, or the combination rule.
 
-``python -m training.diagnose RUN_DIR [--package DIR]`` evaluates, on the run's validation split:
+``python -m export diagnose RUN_DIR [--package DIR]`` evaluates, on the run's validation split:
 
 * the original model's top-1 and its *cluster* accuracy (argmax class mapped to its cluster),
 * the clustifier's accuracy and how often the true cluster is among its top 2/3/4,
@@ -24,9 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from export.sweep import shared_outputs
 from modelpack.activator import Activation, combine, softmax
 from modelpack.manifest import load_manifest
 from modelpack.runner import PackageRunner
+from training.artifacts import RunArtifacts
+from training.engine import predict
+from training.pipeline import Run
 
 logger = logging.getLogger(__name__)
 
@@ -42,20 +46,17 @@ def top1(activations: list[Activation], head_logits: list[np.ndarray], clusters:
     return right / len(labels)
 
 
-def diagnose(run_dir: Path, package_dir: Path, taus: list[float]) -> dict:
-    from training.engine import predict
-    from training.evaluate import shared_outputs
-    from training.pipeline import Run
-
-    run = Run.open(run_dir)
+def diagnose(art: RunArtifacts, package_dir: Path, taus: list[float]) -> dict:
+    """The report of the module docstring for the package ``art`` was exported to."""
     m = load_manifest(package_dir)
-    images, labels = run.part("val")
+    images, labels = art.images("val")
     clusters = m.cluster_members
     num_classes = len(m.class_names)
     to_cluster = np.zeros(num_classes, dtype=np.int64)
     for k, members in enumerate(clusters):
         to_cluster[members] = k
-    original = predict(run.load_original(), images, desc="original", **run.norm)  # (N, C)
+    original = predict(art.original, images, desc="original", mean=art.config.mean,
+                       std=art.config.std)  # (N, C)
     runner = PackageRunner(package_dir, verify=False)
     shared = shared_outputs(runner, images)  # per batch: trunk features, clustifier logits
     probs = softmax(np.concatenate([s.cluster_logits for s in shared]), axis=1)  # (N, K)
@@ -105,23 +106,18 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.diagnose", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--package", type=Path, help="package dir (default: the run's out_dir)")
     parser.add_argument("--taus", default="0,0.5,0.6,0.7,0.8,0.9,1")
     parser.add_argument("--json", type=Path, help="also write the report here")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from training.pipeline import Run
 
-    package = args.package or Run.open(args.run_dir).package_dir()
-    report = diagnose(args.run_dir, package, [float(t) for t in args.taus.split(",")])
+
+def run(args: argparse.Namespace) -> int:
+    art = Run.open(args.run_dir).artifacts()
+    report = diagnose(art, args.package or art.package_dir,
+                      [float(t) for t in args.taus.split(",")])
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     sys.stdout.write(markdown(report))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Offline evaluation: the τ sweep over an exported package (stage 9).
+"""The τ sweep over an exported package: the table, plot and default τ of its manifest.
 
 It runs the package through ``modelpack.runner.PackageRunner`` — the very runner and activator the
 server uses — so the table predicts what serving will do, FLOPs included.
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from export.plots import plot_tau_sweep
 from modelpack.activator import fill_unrun, softmax
 from modelpack.backend import RunnerOptions
 from modelpack.manifest import (
@@ -21,13 +22,10 @@ from modelpack.manifest import (
     PrecisionRow,
     PrecisionSweep,
     SweepRow,
-    load_manifest,
     sha256_file,
-    write_manifest,
 )
 from modelpack.runner import BatchResult, PackageRunner, Prediction, Shared, normalize
 from training.engine import topk_accuracy
-from training.report import plot_tau_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +160,7 @@ def precision_sweep(package_dir: Path, manifest: Manifest, images: np.ndarray,
                     batch_size: int = 256) -> PrecisionSweep | None:
     """Top-1/top-5 of the original and at every τ on OpenVINO bf16, where this machine has
     both (the card shows them beside fp32); None where it has not."""
-    from modelpack.backend import openvino_available
+    from modelpack.backend_choice import openvino_available
 
     if not openvino_available():
         return None
@@ -184,19 +182,21 @@ def precision_sweep(package_dir: Path, manifest: Manifest, images: np.ndarray,
                                             top5=topk_accuracy(scores, labels, 5)), rows=rows)
 
 
-def sweep_package(package_dir: str | Path, images: np.ndarray, labels: np.ndarray,
-                  taus: Sequence[float], batch_size: int = 256, *,
+def sweep_package(package_dir: str | Path, manifest: Manifest, images: np.ndarray,
+                  labels: np.ndarray, taus: Sequence[float], batch_size: int = 256, *,
                   max_top1_loss: float | None = None,
-                  calib: tuple[np.ndarray, np.ndarray] | None = None) -> list[SweepRow]:
-    """Sweep τ over (N, H, W, 3) uint8 validation images; store the table and plot in the package.
+                  calib: tuple[np.ndarray, np.ndarray] | None = None) -> Manifest:
+    """Sweep τ over (N, H, W, 3) uint8 validation images; the manifest with the table.
 
-    With ``max_top1_loss`` the package's default τ is chosen from the sweep
-    (``choose_default_tau``) and the reason is stored in its manifest. With ``calib`` images and
-    labels the top-5 fill is chosen on them first (``choose_fill``) and the sweep runs with it.
+    ``manifest`` describes the graphs in ``package_dir`` (it need not be written yet); the plot is
+    written beside them, the manifest is returned for the one writer (``export.build``). With
+    ``max_top1_loss`` the default τ is chosen from the sweep (``choose_default_tau``), with the
+    reason. With ``calib`` images and labels the top-5 fill is chosen on them first
+    (``choose_fill``) and the sweep runs with it.
     """
     package_dir = Path(package_dir)
-    runner = PackageRunner(package_dir)
-    m = runner.manifest
+    m = manifest
+    runner = PackageRunner(package_dir, manifest=m, verify=False)
     if calib is not None:
         fill, fill_reason = choose_fill(runner, *calib, taus, batch_size)
         m = m.model_copy(update={"activator": m.activator.model_copy(
@@ -230,69 +230,6 @@ def sweep_package(package_dir: str | Path, images: np.ndarray, labels: np.ndarra
         tau, reason = choose_default_tau(rows, original.top1, max_top1_loss)
         activator = activator.model_copy(update={"default_tau": tau, "default_tau_reason": reason})
         logger.info("default %s", reason)
-    write_manifest(m.model_copy(update={
+    return m.model_copy(update={
         "tau_sweep": rows, "training": training, "extra_files": extra, "activator": activator,
-        "precision_sweeps": [bf16] if bf16 is not None else []}), package_dir)
-    load_manifest(package_dir)  # the updated package still validates
-    return rows
-
-
-def validation_split(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    """The package's own validation images and labels, rebuilt from the config in its manifest
-    (same data, same seeded split), so anyone with the data can check the card's figures."""
-    from training.config import config_from_dict
-    from training.data import load_dataset, split_dataset
-
-    cfg = config_from_dict(manifest.training.config)
-    data = load_dataset(cfg.data)
-    val = split_dataset(data.labels, cfg.val_per_class, cfg.calib_per_class, cfg.seed).val
-    return data.images[val], data.labels[val]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Sweep a package with other activator options, without changing it (prints Table 2)."""
-    import argparse
-    import sys
-
-    from export.card import sweep_table
-
-    parser = argparse.ArgumentParser(
-        prog="python -m training.evaluate",
-        description="τ sweep of a package on its validation split (rebuilt from the config in its "
-        "manifest) with the activator options given (default: the package's own); prints the "
-        "table in the model card's columns, changes nothing.")
-    parser.add_argument("package_dir", type=Path)
-    parser.add_argument("--ranking", choices=("confusion", "probability"))
-    parser.add_argument("--weighting", choices=("confusion", "probability"))
-    parser.add_argument("--combination", choices=("eq3", "joint"))
-    parser.add_argument("--taus", default="0,0.5,0.7,0.8,0.9,0.95,1")
-    parser.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime",
-                        help="what runs the graphs (the server's CPCNN_BACKEND)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="OpenVINO's compute precision (the server's CPCNN_PRECISION)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    m = load_manifest(args.package_dir)
-    options = {k: v for k, v in (("ranking", args.ranking), ("weighting", args.weighting),
-                                 ("combination", args.combination)) if v}
-    manifest = m.model_copy(update={"activator": m.activator.model_copy(update=options)})
-    runner = PackageRunner(args.package_dir, RunnerOptions(backend=args.backend,
-                                                           precision=args.precision),
-                           manifest=manifest)
-    images, labels = validation_split(m)
-    orig = _batched(runner.run_original, images, 256, "original")
-    orig_scores = np.stack([p.scores for r in orig for p in r.predictions])
-    original_top1 = topk_accuracy(orig_scores, labels, 1)
-    shared = shared_outputs(runner, images)
-    rows = [evaluate_tau(runner, images, labels, float(t), original_top1, shared=shared)
-            for t in args.taus.split(",")]
-    sys.stdout.write(f"{runner.backend.describe()}; "
-                     f"original top-5 {100 * topk_accuracy(orig_scores, labels, 5):.2f}%; "
-                     f"ranking {manifest.activator.ranking}, weighting "
-                     f"{manifest.activator.weighting}, combination {manifest.activator.combination}; original top-1 {100 * original_top1:.2f}%\n\n"
-                     + "\n".join(sweep_table(rows, m.num_clusters, m.activator.default_tau)) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        "precision_sweeps": [bf16] if bf16 is not None else []})
