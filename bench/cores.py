@@ -74,13 +74,16 @@ def parse_wrk(text: str) -> dict:
             "non_2xx": int(bad.group(1)) if bad else 0, "socket_errors": errors.group(0) if errors else ""}
 
 
-def run_cell(server: Server, concurrency: int, seconds: float, script: Path, bodies: list[Path],
+def run_cell(server: Server, concurrency: int, seconds: int, script: Path, bodies: list[Path],
              mode: str) -> dict:
     url = f"{server.base}/classify?mode={mode}"
     before, t0 = cpu_seconds(server.proc.pid), time.monotonic()
-    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency",
-                          "-s", str(script), url, "--", *map(str, bodies)],
-                         capture_output=True, text=True, check=True).stdout
+    done = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency",
+                           "-s", str(script), url, "--", *map(str, bodies)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"wrk failed against {url}: {done.stdout}{done.stderr}")
+    out = done.stdout
     wall = time.monotonic() - t0
     cell = parse_wrk(out)
     cell["server_cores"] = (cpu_seconds(server.proc.pid) - before) / wall
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "tiny-imagenet-200")
     parser.add_argument("--baseline", default="56524a7", help="the commit to compare with")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=int, default=10, help="per cell (wrk takes whole seconds)")
     parser.add_argument("--cells", default="conditional@32,conditional@1,original@32")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--out", default=None, help="result file stem (default: cores-<package>)")

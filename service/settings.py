@@ -1,8 +1,7 @@
 """Service settings: one ``Settings(BaseSettings)`` read from ``CPCNN_*`` environment variables.
 
 Every setting is documented in ``service/README.md``. ``get_settings()`` is cached, so the
-environment is read once per process; tests pass a ``Settings(...)`` to ``create_app`` or override
-``get_settings`` through ``app.dependency_overrides``.
+environment is read once per process; tests pass a ``Settings(...)`` to ``create_app``.
 """
 
 from __future__ import annotations
@@ -227,6 +226,7 @@ def describe_settings_error(error: ValidationError) -> str:
 def resolve_settings(app: FastAPI) -> Settings:
     """The settings this app runs with: an override (tests, ``create_app(settings)``) or the env."""
     try:
-        return app.dependency_overrides.get(get_settings, get_settings)()
+        fixed = getattr(app.state, "fixed_settings", None)
+        return fixed if fixed is not None else get_settings()
     except ValidationError as e:
         raise StartupError(describe_settings_error(e)) from e

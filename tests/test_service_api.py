@@ -406,3 +406,33 @@ def test_broken_package_refuses_to_start_with_a_clear_message(synthetic_package,
     app, _ = make_app(broken)
     with pytest.raises(StartupError, match="does not match the manifest schema"), TestClient(app):
         pass
+
+
+# -- the /classify query: one model, validated by the route, documented as FastAPI would ------
+@pytest.mark.parametrize("query, field", [("tau=2", "tau"), ("tau=nan", "tau"), ("top_k=0", "top_k"),
+                                          ("top_k=1.5", "top_k"), ("mode=fast", "mode"),
+                                          ("target_mflops=0", "target_mflops")])
+def test_bad_classify_query_values_are_422_naming_the_parameter(served, query, field):
+    client, _ = served
+    r = client.post(f"/classify?{query}", content=png(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 422, r.text
+    body = r.json()["error"]
+    assert body["code"] == "invalid_parameter" and field in body["message"], body
+
+
+def test_classify_query_parameters_are_documented_with_their_constraints(served):
+    from service.routes.classify import ClassifyQuery
+
+    client, _ = served
+    params = {p["name"]: p for p in
+              client.get("/openapi.json").json()["paths"]["/classify"]["post"]["parameters"]}
+    assert set(params) == set(ClassifyQuery.model_fields)
+    assert all(p["in"] == "query" and not p["required"] and p["description"]
+               for p in params.values())
+    tau = next(s for s in params["tau"]["schema"]["anyOf"] if s["type"] == "number")
+    assert (tau["minimum"], tau["maximum"]) == (0.0, 1.0)
+    assert params["mode"]["schema"]["enum"] == ["conditional", "original"]
+    # an unknown parameter is ignored, as FastAPI ignores undeclared query parameters
+    r = client.post("/classify?colour=blue&tau=0.5", content=png(),
+                    headers={"Content-Type": "image/png"})
+    assert r.status_code == 200 and r.json()["tau"] == 0.5
