@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=10, help="per cell (wrk takes whole seconds)")
     parser.add_argument("--cells", default="conditional@32,conditional@1,original@32")
     parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--set", action="append", default=[], metavar="CPCNN_X=V",
+                        help="a setting of this tree's server (repeatable; default: none)")
     parser.add_argument("--out", default=None, help="result file stem (default: cores-<package>)")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -146,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     script.write_text(WRK_SCRIPT)
     tree = baseline_tree(args.baseline)
     model_rel = args.model_dir.resolve().relative_to(ROOT)
-    servers = {"head": Server(args.model_dir, {}),
+    head_env = dict(item.split("=", 1) for item in args.set)
+    servers = {"head": Server(args.model_dir, head_env),
                "baseline": Server(tree / model_rel, {}, tree=tree)}
     cells = [c.split("@") for c in args.cells.split(",")]
     samples: dict[str, dict[str, list[dict]]] = {f"{m}@{c}": {"head": [], "baseline": []}
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                           text=True).stdout.strip()
     result = {"machine": machine_info(), "package": f"{manifest.name} {manifest.version}",
               "baseline": args.baseline, "head": head, "rounds": args.rounds,
-              "seconds": args.seconds, "cells": out,
+              "seconds": args.seconds, "head_settings": head_env, "cells": out,
               "command": "python bench/cores.py " + " ".join(argv or sys.argv[1:])}
     write_results(args.out or f"cores-{manifest.name}-{manifest.version}", result, report(result))
     shutil.rmtree(work, ignore_errors=True)

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
 from modelpack.sweep import Target
-from service.deps import ReadyServiceDep
+from service.deps import ready_service
 from service.outcome import Mode
 from service.runtime import InferenceService
 from service.schemas import ClassifyResponse, Latency, classify_response, error_responses
@@ -129,7 +129,8 @@ def parse_query(request: Request) -> ClassifyQuery:
     "sweep; the response says which τ ran; an unmeetable target is 422 `target_unreachable`). "
     "Stage latency is also sent in the `Server-Timing` header (milliseconds).",
 )
-async def classify(request: Request, service: ReadyServiceDep) -> ClassifyResponse:
+async def classify(request: Request) -> ClassifyResponse:
+    service = ready_service(request)
     query = parse_query(request)
     target = query_target(query.target_flop_saving, query.target_max_top1_loss, query.target_mflops)
     return await classify_images(request, service, service.settings, query.top_k,  # type: ignore[return-value]
