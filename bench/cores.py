@@ -124,6 +124,14 @@ def report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def setting(text: str) -> tuple[str, str]:
+    """One ``--set`` item: ``CPCNN_X=V``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("CPCNN_"):
+        raise argparse.ArgumentTypeError(f"expected CPCNN_NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "tiny-imagenet-200")
@@ -132,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=10, help="per cell (wrk takes whole seconds)")
     parser.add_argument("--cells", default="conditional@32,conditional@1,original@32")
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--set", action="append", default=[], metavar="CPCNN_X=V",
+    parser.add_argument("--set", action="append", default=[], metavar="CPCNN_X=V", type=setting,
                         help="a setting of this tree's server (repeatable; default: none)")
     parser.add_argument("--out", default=None, help="result file stem (default: cores-<package>)")
     args = parser.parse_args(argv)
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     script.write_text(WRK_SCRIPT)
     tree = baseline_tree(args.baseline)
     model_rel = args.model_dir.resolve().relative_to(ROOT)
-    head_env = dict(item.split("=", 1) for item in args.set)
+    head_env = dict(args.set)
     servers = {"head": Server(args.model_dir, head_env),
                "baseline": Server(tree / model_rel, {}, tree=tree)}
     cells = [c.split("@") for c in args.cells.split(",")]

@@ -50,7 +50,7 @@ def ready_service(request: Request) -> InferenceService:
 
     While shutting down (readiness already 503) requests are still served until the server
     closes: a request a load balancer routed here just before is not failed. ``POST /classify``
-    calls it directly (no dependency at all: FastAPI's dependency solving is ~40 µs a request);
+    calls it directly (FastAPI's dependency solving costs every request; bench/README.md, "Cores");
     the other routes take it as ``ReadyServiceDep``.
     """
     service = getattr(request.app.state, "service", None)

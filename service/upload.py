@@ -50,7 +50,7 @@ async def limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
 async def body_deadline(timeout_s: float) -> AsyncIterator[None]:
     """The body must have arrived within ``timeout_s`` seconds (408), and a client that
     disconnects mid-body is ``ClientClosed``, not a server error. One deadline for the whole
-    read, not one per chunk: each cancel scope costs ~12 µs, and a raw body is three chunks."""
+    read, not one per chunk (each cancel scope costs the hot path; bench/README.md, "Cores")."""
     try:
         with anyio.fail_after(timeout_s):
             yield
@@ -94,6 +94,10 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The whole body, within ``limit`` bytes and ``timeout_s`` (V2 and admin bodies; /classify
     streams its multipart parts instead)."""
     check_declared_length(request, limit)
+    return await _read_stream(request, limit, timeout_s)
+
+
+async def _read_stream(request: Request, limit: int, timeout_s: float) -> bytes:
     async with body_deadline(timeout_s):
         return b"".join([chunk async for chunk in limited_stream(request, limit)])
 
@@ -106,8 +110,7 @@ async def read_images(request: Request, *, max_body_bytes: int, max_files: int,
     if media == "multipart/form-data":
         return await _read_multipart(request, max_body_bytes, max_files, body_timeout_s)
     if media.startswith("image/") or media == "application/octet-stream":
-        async with body_deadline(body_timeout_s):
-            body = b"".join([chunk async for chunk in limited_stream(request, max_body_bytes)])
+        body = await _read_stream(request, max_body_bytes, body_timeout_s)
         if not body:
             raise InvalidRequest(f"the request body is empty: {HOW_TO_SEND}", code="empty_body")
         return [ImageInput(body, filename=None, name="the request body")]
